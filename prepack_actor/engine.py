@@ -1,0 +1,160 @@
+"""The engine: the public entry point a notebook, the Ray actor and the benchmark call.
+
+    engine = Engine(model, tokenizer)
+    results = engine.generate(["Hello", "Once upon a time"], SamplingParams(max_new_tokens=32))
+
+The main loop per group reads like nano-vllm's step: pack, prefill, unpack, decode.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import kv_cache
+from .generation import StopChecker, decode
+from .packing import pack
+from .prefill import last_token_logits
+from .prompts import Prompt, encode
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    pack_capacity: int | None = None  # row width in tokens; None = the group's longest prompt (paper)
+    max_group_prompts: int = 64  # prompts prefilled and decoded together, >= 1
+    max_group_tokens: int = 16384  # prompt tokens per group (bounds prefill memory), >= longest prompt
+    sort_by_length: bool = True  # group similar lengths (fuller packs, similar decode lengths)
+
+    def __post_init__(self):
+        if self.pack_capacity is not None and self.pack_capacity < 1:
+            raise ValueError(f"pack_capacity must be None or >= 1, got {self.pack_capacity}")
+        if self.max_group_prompts < 1:
+            raise ValueError(f"max_group_prompts must be >= 1, got {self.max_group_prompts}")
+        if self.max_group_tokens < 1:
+            raise ValueError(f"max_group_tokens must be >= 1, got {self.max_group_tokens}")
+
+
+@dataclass
+class GenerationResult:
+    text: str  # generated text, special tokens skipped, cut before a stop string
+    token_ids: list[int]  # generated token ids (EOS included when it ended the prompt)
+    finish_reason: str  # "stop" (EOS or stop string) | "length" (max_new_tokens)
+    num_input_tokens: int
+    num_generated_tokens: int
+    prefill_s: float  # forward pass over the group's packed rows
+    ttft_s: float  # group start (packing included) to this prompt's first token
+    decode_s: float  # first token to this prompt's last token
+    overhead_s: float  # packing + mask + cache split of the group
+    pack_prompts: int  # prompts in the group (rows before packing)
+    pack_rows: int  # packed rows after packing
+    pack_efficiency: float  # real tokens / packed slots, in (0, 1]
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        self.device = model.device
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_context = _context_length(model.config)
+
+    def encode(self, prompts: Sequence[Prompt], reserve: int = 0) -> list[list[int]]:
+        """Token ids per prompt; raises PromptError naming the first bad prompt."""
+        return encode(self.tokenizer, prompts, self.max_context, reserve)
+
+    def groups(self, lengths: list[int]) -> list[list[int]]:
+        """Split prompt indices into groups under the prompt-count and token budgets."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if self.config.sort_by_length \
+            else list(range(len(lengths)))
+        groups, cur, tokens = [], [], 0
+        for i in order:
+            if cur and (len(cur) >= self.config.max_group_prompts
+                        or tokens + lengths[i] > self.config.max_group_tokens):
+                groups.append(cur)
+                cur, tokens = [], 0
+            cur.append(i)
+            tokens += lengths[i]
+        return groups + [cur] if cur else groups
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Next-token logits after each prompt, [P, V] fp32, in input order."""
+        ids = self.encode(prompts)
+        out = torch.empty(len(ids), self.model.config.vocab_size)
+        for g in self.groups([len(x) for x in ids]):
+            packed = pack([ids[i] for i in g], self.config.pack_capacity, self.pad_id)
+            logits, _ = last_token_logits(self.model, packed)
+            out[torch.tensor(g)] = logits.cpu()
+        return out
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
+        """One result per prompt, in input order. Prompts are str or lists of token ids."""
+        params = _per_prompt(sampling, len(prompts))
+        ids = self.encode(prompts, reserve=max((p.max_new_tokens for p in params), default=0))
+        results: list[GenerationResult | None] = [None] * len(ids)
+        for g in self.groups([len(x) for x in ids]):
+            for i, r in zip(g, self.generate_group([ids[i] for i in g], [params[i] for i in g])):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def generate_group(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        """Pack, prefill, unpack, decode one group of encoded prompts."""
+        t0 = self._now()
+        packed = pack(ids, self.config.pack_capacity, self.pad_id)
+        t_packed = self._now()
+        logits, cache = last_token_logits(self.model, packed)  # [P, V]
+        t_prefilled = self._now()
+        cache, attention_mask = kv_cache.unpack(cache, packed)
+        sampler = Sampler(params, self.device)
+        first = sampler(logits)
+        t_first = self._now()
+        decoded = decode(self.model, cache, attention_mask, packed.length, first, sampler, params,
+                         self.stops, self._sync)
+        overhead = (t_packed - t0) + (t_first - t_prefilled)
+        out = []
+        for p, d in enumerate(decoded):
+            text = self.tokenizer.decode(d.token_ids, skip_special_tokens=True)
+            if d.stop_at is not None:
+                text = text[: d.stop_at]
+            out.append(GenerationResult(
+                text=text, token_ids=d.token_ids, finish_reason=d.finish_reason,
+                num_input_tokens=len(ids[p]), num_generated_tokens=len(d.token_ids),
+                prefill_s=t_prefilled - t_packed, ttft_s=t_first - t0,
+                decode_s=max(0.0, d.finished_at - t_first), overhead_s=overhead,
+                pack_prompts=len(ids), pack_rows=packed.num_rows, pack_efficiency=packed.efficiency))
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _now(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+
+def _per_prompt(sampling, n: int) -> list[SamplingParams]:
+    if sampling is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    sampling = list(sampling)
+    if len(sampling) != n:
+        raise ValueError(f"got {len(sampling)} SamplingParams for {n} prompts")
+    return sampling
+
+
+def _context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
