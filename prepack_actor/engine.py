@@ -23,7 +23,7 @@ from .sampling import Sampler, SamplingParams
 
 @dataclass
 class EngineConfig:
-    pack_capacity: int | None = None  # row width in tokens; None = the group's longest prompt (paper)
+    pack_capacity: int | None = None  # row width in tokens (>= longest prompt); None = longest (paper)
     max_group_prompts: int = 64  # prompts prefilled and decoded together, >= 1
     max_group_tokens: int = 16384  # prompt tokens per group (bounds prefill memory), >= longest prompt
     sort_by_length: bool = True  # group similar lengths (fuller packs, similar decode lengths)

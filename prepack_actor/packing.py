@@ -21,7 +21,7 @@ def ffd(lengths: list[int], capacity: int) -> list[list[int]]:
     if any(n > capacity for n in lengths):
         worst = max(range(len(lengths)), key=lengths.__getitem__)
         raise ValueError(f"item {worst} has {lengths[worst]} tokens > capacity {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     n_leaves = 1
     while n_leaves < max(1, len(lengths)):
         n_leaves *= 2
@@ -32,16 +32,21 @@ def ffd(lengths: list[int], capacity: int) -> list[list[int]]:
         need = lengths[i]
         k = 1
         while k < n_leaves:  # descend to the leftmost leaf with residual >= need
-            k = 2 * k if tree[2 * k] >= need else 2 * k + 1
+            k += k
+            if tree[k] < need:
+                k += 1
         row = k - n_leaves
         if row == len(rows):
             rows.append([])
         rows[row].append(i)
         tree[k] -= need
-        k //= 2
-        while k:
-            tree[k] = max(tree[2 * k], tree[2 * k + 1])
-            k //= 2
+        while k > 1:  # refresh ancestors; stop as soon as a maximum is unchanged
+            k >>= 1
+            a, b = tree[2 * k], tree[2 * k + 1]
+            m = a if a > b else b
+            if tree[k] == m:
+                break
+            tree[k] = m
     return rows
 
 
@@ -76,10 +81,14 @@ class PackedBatch:
 
 
 def pack(prompts: list[list[int]], capacity: int | None = None, pad_id: int = 0) -> PackedBatch:
-    """Pack token-id lists into rows; capacity None means the longest prompt (the paper's)."""
+    """Pack token-id lists into rows of `capacity` tokens.
+
+    capacity None means the longest prompt (the paper's choice); a capacity below the
+    longest prompt widens to it, so every prompt fits in one row.
+    """
     assert prompts and all(len(p) > 0 for p in prompts), "pack needs non-empty prompts"
     lengths = [len(p) for p in prompts]
-    width = capacity or max(lengths)
+    width = max(capacity or 0, max(lengths))
     rows = ffd(lengths, width)
     # Rows narrower than `capacity` waste nothing: trim the width to the fullest row.
     width = max(sum(lengths[i] for i in r) for r in rows)

@@ -62,7 +62,7 @@ class Sampler:
         u = torch.tensor([float(torch.rand((), generator=g)) if g is not None else 0.0
                           for g in self.generators], device=logits.device)  # [B]
         t = self.temperature.clamp(min=1e-5)[:, None]
-        sorted_logits, order = (logits.float() / t).sort(-1, descending=True, stable=True)  # [B, V]
+        sorted_logits, order = (logits.float() / t).sort(dim=-1, descending=True, stable=True)  # [B, V]
         rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
         k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1])[:, None]
         sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))

@@ -53,8 +53,12 @@ def build_tokenizer(texts: list[str], vocab_size: int, add_bos: bool) -> PreTrai
 
 
 def build_tiny_model(arch: str, out: str | Path, size: str = "tiny", vocab_size: int | None = None,
-                     texts: list[str] | None = None, seed: int = 0, max_positions: int = 2048) -> Path:
-    """Build, save and return the checkpoint directory of a random-weight `arch` model."""
+                     texts: list[str] | None = None, seed: int = 0, max_positions: int = 2048,
+                     **config_overrides) -> Path:
+    """Build, save and return the checkpoint directory of a random-weight `arch` model.
+
+    config_overrides go to the architecture's config (e.g. sliding_window=8 for Mistral).
+    """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if size not in SIZES:
@@ -66,12 +70,13 @@ def build_tiny_model(arch: str, out: str | Path, size: str = "tiny", vocab_size:
                pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     if arch == "gpt2":
         config = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads,
-                                      n_inner=mlp, n_positions=max_positions, **ids)
+                                      n_inner=mlp, n_positions=max_positions, **ids, **config_overrides)
     else:
         config = AutoConfig.for_model(
             arch, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, intermediate_size=mlp,
-            max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+            max_position_embeddings=max_positions, tie_word_embeddings=False, **ids,
+            **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.update(**{k: v for k, v in ids.items() if k != "vocab_size"})
