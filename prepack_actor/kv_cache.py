@@ -21,16 +21,21 @@ def unpack(cache: DynamicCache, packed: PackedBatch) -> tuple[DynamicCache, torc
     start = lmax - length[:, None]  # [P, 1] first real slot after the left pad
     valid = j >= start  # [P, Lmax]
     col = (packed.offset.to(device)[:, None] + j - start).clamp(min=0)  # [P, Lmax]
-    row = packed.row.to(device)[:, None].expand_as(col)  # [P, Lmax]
+    # Flat slot index into [R * W]; pad slots read a real key and are masked later.
+    flat = (packed.row.to(device)[:, None] * packed.width + col).reshape(-1)  # [P * Lmax]
     pairs = []
     for layer in cache.layers:
-        # keys[row, :, col, :] -> [P, Lmax, H, D]; pad slots read a real key, masked later.
-        k = layer.keys[row, :, col, :].transpose(1, 2).contiguous()  # [P, H, Lmax, D]
-        v = layer.values[row, :, col, :].transpose(1, 2).contiguous()
-        pairs.append((k, v))
+        pairs.append(tuple(_gather(t, flat, len(length), lmax) for t in (layer.keys, layer.values)))
     # No config: plain layers for every layer. The sliding window (if any) is applied by the
     # model's mask over positions, as it is for `generate` with left padding.
     return DynamicCache(pairs), valid.long()
+
+
+def _gather(t: torch.Tensor, flat: torch.Tensor, p: int, lmax: int) -> torch.Tensor:
+    """[R, H, W, D] -> [P, H, Lmax, D] by slot index."""
+    r, h, w, d = t.shape
+    slots = t.transpose(1, 2).reshape(r * w, h, d)  # [R * W, H, D]
+    return slots.index_select(0, flat).view(p, lmax, h, d).transpose(1, 2)
 
 
 def select(cache: DynamicCache, keep: torch.Tensor, start: int = 0) -> None:
