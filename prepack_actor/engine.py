@@ -17,7 +17,7 @@ from . import kv_cache
 from .generation import StopChecker, decode
 from .packing import pack
 from .prefill import last_token_logits
-from .prompts import Prompt, encode
+from .prompts import Prompt, context_length, encode
 from .sampling import Sampler, SamplingParams
 
 
@@ -62,9 +62,9 @@ class Engine:
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_context = _context_length(model.config)
+        self.max_context = context_length(model.config)
 
-    def encode(self, prompts: Sequence[Prompt], reserve: int = 0) -> list[list[int]]:
+    def encode(self, prompts: Sequence[Prompt], reserve: int | Sequence[int] = 0) -> list[list[int]]:
         """Token ids per prompt; raises PromptError naming the first bad prompt."""
         return encode(self.tokenizer, prompts, self.max_context, reserve)
 
@@ -98,7 +98,7 @@ class Engine:
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
         """One result per prompt, in input order. Prompts are str or lists of token ids."""
         params = _per_prompt(sampling, len(prompts))
-        ids = self.encode(prompts, reserve=max((p.max_new_tokens for p in params), default=0))
+        ids = self.encode(prompts, reserve=[p.max_new_tokens for p in params])
         results: list[GenerationResult | None] = [None] * len(ids)
         for g in self.groups([len(x) for x in ids]):
             for i, r in zip(g, self.generate_group([ids[i] for i in g], [params[i] for i in g])):
@@ -152,9 +152,4 @@ def _per_prompt(sampling, n: int) -> list[SamplingParams]:
     return sampling
 
 
-def _context_length(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+_context_length = context_length  # kept for callers of the old private name

@@ -6,6 +6,15 @@ from typing import Sequence, Union
 Prompt = Union[str, Sequence[int]]
 
 
+def context_length(config) -> int | None:
+    """The model's context in tokens, from whichever key its config uses."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class PromptError(ValueError):
     """A prompt that cannot be run; `index` is its position in the input."""
 
@@ -37,14 +46,20 @@ def encode_one(tokenizer, prompt: Prompt, max_context: int | None, reserve: int 
     return ids
 
 
-def encode(tokenizer, prompts: Sequence[Prompt], max_context: int | None, reserve: int = 0) -> list[list[int]]:
-    """Token ids per prompt; raises PromptError naming the first bad prompt."""
+def encode(tokenizer, prompts: Sequence[Prompt], max_context: int | None,
+           reserve: int | Sequence[int] = 0) -> list[list[int]]:
+    """Token ids per prompt; raises PromptError naming the first bad prompt.
+
+    reserve: room each prompt needs for new tokens (one int for all, or one per prompt).
+    """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not a single string")
+    reserves = [reserve] * len(prompts) if isinstance(reserve, int) else list(reserve)
+    assert len(reserves) == len(prompts)
     out = []
-    for i, p in enumerate(prompts):
+    for i, (p, r) in enumerate(zip(prompts, reserves)):
         try:
-            out.append(encode_one(tokenizer, p, max_context, reserve))
+            out.append(encode_one(tokenizer, p, max_context, r))
         except ValueError as e:
             raise PromptError(i, str(e)) from None
     return out

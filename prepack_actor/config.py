@@ -1,0 +1,206 @@
+"""Typed job configs and the one loader every job uses (no Ray import).
+
+    cfg = load_config(GenerateConfig, sys.argv[1:], "conf/generate.yaml")
+
+`argv` is `[--config FILE] [key=value ...]`: the YAML file (default `default_yaml_path`)
+is merged over the dataclass schema, then the dotted overrides over that. omegaconf
+checks every key and type; `__post_init__` checks ranges and choices. Any problem raises
+`ConfigError` with one line naming the key and what was expected; a job prints it and
+exits 2 before any work starts (`config_or_exit`).
+
+A sibling job defines its own schema dataclass (it may reuse ModelConfig, InputConfig,
+OutputConfig, StorageConfig, ActorsConfig below) and calls the same loader.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, type or value; the message is one line for the user."""
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: expected a number >= {low}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny:llama"  # HF id, local dir, or tiny:ARCH[:SIZE] (built locally once)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    cache_dir: str = "artifacts/models"  # where tiny:* checkpoints are built
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        if not self.path:
+            raise ConfigError("model.path: expected an HF id, a directory or tiny:ARCH, got ''")
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str = ""  # S3 endpoint; "" = AWS_ENDPOINT_URL(_S3) env var or AWS default
+    region: str = ""  # S3 region; "" = AWS_DEFAULT_REGION env var
+    anon: bool = False  # unsigned S3 requests (public buckets)
+
+
+@dataclass
+class InputConfig:
+    path: str = ""  # file, dir, glob or URL (s3://bucket/prefix/); "" = bundled sample
+    format: str = "auto"  # jsonl | parquet | auto (by file extension)
+
+    def __post_init__(self):
+        _choice("input.format", self.format, ("jsonl", "parquet", "auto"))
+
+
+@dataclass
+class OutputConfig:
+    path: str = "outputs/generate"  # output dir, local or URL; summary.json goes beside the shards
+    format: str = "parquet"  # parquet | jsonl
+    overwrite: bool = True  # true: clear output.path first; false: fail if it holds files
+
+    def __post_init__(self):
+        _choice("output.format", self.format, ("parquet", "jsonl"))
+        if not self.path:
+            raise ConfigError("output.path: expected a directory or URL, got ''")
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32  # per row at most, >= 1 (a row's own max_new_tokens wins)
+    temperature: float = 0.0  # 0 = greedy; > 0 samples
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 disables
+    top_k: int = 0  # keep the k most likely tokens, >= 0; 0 disables
+    seed: int = 0  # base seed; a row without its own seed gets one derived from this and its id
+    stop: list[str] = field(default_factory=list)  # strings that end a generation
+    ignore_eos: bool = False  # keep generating past EOS (fixed-length benchmarks)
+
+    def __post_init__(self):
+        _at_least("sampling.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("sampling.temperature", self.temperature, 0)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p: expected a number in (0, 1], got {self.top_p!r}")
+        _at_least("sampling.top_k", self.top_k, 0)
+
+
+@dataclass
+class PackingConfig:
+    capacity: int = 0  # packed row width in tokens, >= 0; 0 = longest prompt of the group (paper)
+    token_budget: int = 4096  # prompt tokens per actor call (one prefill group), >= 1
+    max_rows: int = 64  # prompts per actor call, >= 1
+    window: int = 1024  # rows sorted by length together before grouping (bounds memory), >= 1
+    global_sort: bool = False  # true: sort the whole dataset by length first (a global shuffle)
+
+    def __post_init__(self):
+        _at_least("packing.capacity", self.capacity, 0)
+        _at_least("packing.token_budget", self.token_budget, 1)
+        _at_least("packing.max_rows", self.max_rows, 1)
+        _at_least("packing.window", self.window, 1)
+
+
+@dataclass
+class ActorsConfig:
+    num_actors: int = 1  # model replicas (actors) in the pool, >= 1
+    gpus_per_actor: float = 0.0  # GPUs per actor, >= 0; 0 = CPU actors
+    cpus_per_actor: float = 1.0  # CPUs reserved per actor, > 0
+    torch_threads: int = 0  # torch intra-op threads per actor, >= 0; 0 = Ray's default (= CPUs)
+    max_tasks_in_flight: int = 2  # groups queued per actor, >= 1
+
+    def __post_init__(self):
+        _at_least("actors.num_actors", self.num_actors, 1)
+        _at_least("actors.gpus_per_actor", self.gpus_per_actor, 0)
+        if self.cpus_per_actor <= 0:
+            raise ConfigError(f"actors.cpus_per_actor: expected a number > 0, got {self.cpus_per_actor!r}")
+        _at_least("actors.torch_threads", self.torch_threads, 0)
+        _at_least("actors.max_tasks_in_flight", self.max_tasks_in_flight, 1)
+
+
+@dataclass
+class PromptsConfig:
+    over_long: str = "error"  # error: an error row | truncate: keep the prompt's last tokens
+    max_prompt_tokens: int = 0  # >= 0; 0 = model context minus the row's max_new_tokens
+
+    def __post_init__(self):
+        _choice("prompts.over_long", self.over_long, ("error", "truncate"))
+        _at_least("prompts.max_prompt_tokens", self.max_prompt_tokens, 0)
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0].strip()
+    key = getattr(e, "full_key", None)
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(schema_cls: type[T], argv: Sequence[str], default_yaml_path: str | Path | None) -> T:
+    """Schema defaults <- YAML file (--config FILE or the default) <- key=value overrides."""
+    argv, yaml_path, overrides = list(argv), default_yaml_path, []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                yaml_path = arg.split("=", 1)[1]
+            elif argv:
+                yaml_path = argv.pop(0)
+            else:
+                raise ConfigError("--config: expected a YAML file path")
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: expected --config FILE or key=value")
+    try:
+        cfg = OmegaConf.structured(schema_cls)
+        if yaml_path is not None:
+            if not Path(yaml_path).is_file():
+                raise ConfigError(f"--config: no such file {str(yaml_path)!r}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(cfg)  # runs each dataclass's __post_init__
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    except Exception as e:  # noqa: BLE001 - a YAML syntax error and friends: still one line
+        raise ConfigError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def config_or_exit(schema_cls: type[T], argv: Sequence[str], default_yaml_path: str | Path | None) -> T:
+    """load_config for a job's main: on ConfigError print one line to stderr and exit 2."""
+    try:
+        return load_config(schema_cls, argv, default_yaml_path)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain data (for summary.json)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

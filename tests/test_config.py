@@ -1,0 +1,70 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prepack_actor.config import ConfigError, GenerateConfig, load_config, to_dict
+
+from job_helpers import REPO
+
+YAML = REPO / "conf" / "generate.yaml"
+
+
+def test_default_yaml_matches_schema_and_documents_every_key():
+    cfg = load_config(GenerateConfig, [], YAML)
+    assert cfg.model.path == "tiny:llama" and cfg.sampling.temperature == 0.0
+    assert to_dict(cfg) == to_dict(GenerateConfig())  # the YAML restates the schema defaults
+    for line in YAML.read_text().splitlines():
+        if line.startswith("  ") and ":" in line:
+            assert "#" in line, f"undocumented key: {line}"
+
+
+def test_overrides_and_config_file(tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text("sampling:\n  max_new_tokens: 7\noutput:\n  format: jsonl\n")
+    cfg = load_config(GenerateConfig, ["--config", str(other), "sampling.top_k=5", "sampling.stop=[a,b]"], YAML)
+    assert cfg.sampling.max_new_tokens == 7 and cfg.output.format == "jsonl"
+    assert cfg.sampling.top_k == 5 and cfg.sampling.stop == ["a", "b"]
+    assert cfg.packing.token_budget == 4096  # untouched keys keep the schema default
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sampling.max_tokens=3"], "sampling.max_tokens"),
+    (["nope=1"], "nope"),
+    (["sampling.max_new_tokens=abc"], "sampling.max_new_tokens"),
+    (["sampling.max_new_tokens=0"], "sampling.max_new_tokens: expected a number >= 1"),
+    (["output.format=csv"], "output.format: expected one of parquet, jsonl"),
+    (["sampling.top_p=2"], "sampling.top_p"),
+    (["--config", "/no/such.yaml"], "no such file"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_config_names_the_key(argv, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(GenerateConfig, argv, YAML)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sampling.temprature=0.5"], "config error: sampling.temprature"),
+    (["actors.num_actors=two"], "config error: actors.num_actors"),
+    (["input.path=/no/such/dir"], "error: input.path '/no/such/dir': no such file or directory"),
+    (["model.path=/no/such/model"], "error: model.path '/no/such/model'"),
+])
+def test_job_fails_fast_with_one_line(argv, expected, tmp_path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *argv,
+                        f"output.path={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), p.stderr
+    assert "Traceback" not in p.stderr and "ray" not in p.stdout.lower()  # Ray never started
+    assert time.time() - t0 < 60
+
+
+def test_empty_input_fails_fast(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), f"input.path={empty}",
+                        f"output.path={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: input.path '{empty}': input is empty"
