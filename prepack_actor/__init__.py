@@ -8,3 +8,6 @@ from .tiny import build_tiny_model
 
 __all__ = ["Engine", "EngineConfig", "GenerationResult", "ModelLoadError", "load_model",
            "PackedBatch", "ffd", "pack", "PromptError", "SamplingParams", "build_tiny_model"]
+from .scoring import ItemError, ScoreConfig, ScoreResult, Scorer, score  # noqa: E402
+
+__all__ += ["ItemError", "ScoreConfig", "ScoreResult", "Scorer", "score"]

@@ -1,0 +1,209 @@
+"""Log-likelihood scoring of multiple-choice items with prepacked prefill (no generation).
+
+    results = score(model, tokenizer, [{"prompt": "Q ... Answer:", "choices": [" A", " B"], "answer": 0}])
+    results[0].choice_logprobs, results[0].pred, results[0].correct
+
+For every (prompt, choice) pair: the sum of the choice tokens' log-probabilities given the
+prompt, the number of choice tokens, and whether every choice token is the argmax.
+Tokenization follows lm-evaluation-harness (see score_items.py for the exact rule).
+
+Modes:
+- "simple": each prompt + choice is its own packed segment (the paper's layout).
+- "shared": the prompt is packed once and the choices are branches of a tree mask
+  (tree_mask.py), so a 4-choice item costs one prompt plus four short continuations.
+  Items whose prompt tokens are not common to all choices fall back to "simple".
+
+Per group of items (under `max_group_tokens`): lay out, pack FFD, one forward, aggregate.
+`pred` is the argmax of the sums; `pred_norm` of the sums divided by the choice's length
+in characters (lm-eval's acc_norm) or in tokens (`length_norm="tokens"`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .engine import _context_length
+from .score_items import BadItem, EncodedItem, ScoreItem, check_item, encode_item
+from .score_pack import layout, per_branch, target_logprobs
+
+MODES = ("shared", "simple")
+NORMS = ("chars", "tokens")
+
+
+@dataclass
+class ScoreConfig:
+    mode: str = "shared"  # "shared" (prompt once, choices as tree branches) | "simple" (pair per segment)
+    pack_capacity: int | None = None  # row width in tokens; None = the group's longest unit (paper)
+    max_group_tokens: int = 8192  # tokens laid out per forward pass (bounds memory), >= 1
+    length_norm: str = "chars"  # pred_norm divides by choice "chars" (lm-eval acc_norm) | "tokens"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.length_norm not in NORMS:
+            raise ValueError(f"length_norm must be one of {NORMS}, got {self.length_norm!r}")
+        if self.pack_capacity is not None and self.pack_capacity < 1:
+            raise ValueError(f"pack_capacity must be None or >= 1, got {self.pack_capacity}")
+        if self.max_group_tokens < 1:
+            raise ValueError(f"max_group_tokens must be >= 1, got {self.max_group_tokens}")
+
+
+@dataclass
+class ScoreResult:
+    choice_logprobs: list[float] = field(default_factory=list)  # sum of log-probs per choice
+    choice_num_tokens: list[int] = field(default_factory=list)  # continuation tokens per choice
+    choice_is_greedy: list[bool] = field(default_factory=list)  # every choice token is the argmax
+    pred: int | None = None  # argmax of choice_logprobs
+    pred_norm: int | None = None  # argmax of length-normalised choice_logprobs
+    correct: bool | None = None  # pred == answer; None without an answer
+    correct_norm: bool | None = None  # pred_norm == answer; None without an answer
+    num_tokens: int = 0  # tokens this item laid out (prompt once per unit + choices)
+    shared: bool = False  # laid out as one prompt-shared tree
+    prefill_s: float = 0.0  # this item's token share of its group's forward pass
+    pack_units: int = 0  # units in the item's group (rows before packing)
+    pack_rows: int = 0  # packed rows of the item's group
+    pack_efficiency: float = 0.0  # real tokens / packed slots of the group, in (0, 1]
+    error: str | None = None  # why the item could not be scored; other fields empty
+
+
+class ItemError(ValueError):
+    """An item that cannot be scored; `index` is its position in the input."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"item {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
+def decide(logprobs: Sequence[float], num_tokens: Sequence[int], choices: Sequence[str],
+           answer: int | None, length_norm: str = "chars") -> dict[str, Any]:
+    """pred / pred_norm / correct / correct_norm from per-choice sums (the one aggregation)."""
+    lengths = [len(c) for c in choices] if length_norm == "chars" else list(num_tokens)
+    normed = [lp / max(1, n) for lp, n in zip(logprobs, lengths)]
+    pred = max(range(len(logprobs)), key=logprobs.__getitem__)  # first on ties, like argmax
+    pred_norm = max(range(len(normed)), key=normed.__getitem__)
+    return {"pred": pred, "pred_norm": pred_norm,
+            "correct": None if answer is None else pred == answer,
+            "correct_norm": None if answer is None else pred_norm == answer}
+
+
+def prepare(tokenizer, raw: Mapping[str, Any] | ScoreItem, max_context: int | None,
+            pack_capacity: int | None = None) -> tuple[ScoreItem, EncodedItem]:
+    """Validate and tokenize one item (no model needed); ValueError with the reason."""
+    item = check_item(raw)
+    enc = encode_item(tokenizer, item, max_context)
+    if pack_capacity is not None:
+        longest = max(range(len(enc.pairs)), key=lambda j: len(enc.pairs[j]))
+        if len(enc.pairs[longest]) > pack_capacity:
+            raise BadItem("too_long", f"prompt + choice {longest} is {len(enc.pairs[longest])} tokens "
+                             f"> pack_capacity {pack_capacity}")
+        if enc.shareable and enc.units(True)[0].num_tokens > pack_capacity:
+            enc.shareable = False  # the tree does not fit one row: the pairs do
+    return item, enc
+
+
+class Scorer:
+    """Holds the model, tokenizer and config; `score(items)` is the whole pipeline."""
+
+    def __init__(self, model, tokenizer, config: ScoreConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or ScoreConfig()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_context = _context_length(model.config)
+
+    def prepare(self, raw: Mapping[str, Any] | ScoreItem) -> tuple[ScoreItem, EncodedItem]:
+        """Validate and tokenize one item; ValueError with the reason."""
+        return prepare(self.tokenizer, raw, self.max_context, self.config.pack_capacity)
+
+    def score(self, items: Sequence[Mapping[str, Any] | ScoreItem], errors: str = "raise") -> list[ScoreResult]:
+        """One result per item, in input order. errors: "raise" (ItemError) | "return" (result.error)."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        results: list[ScoreResult | None] = [None] * len(items)
+        good: list[int] = []
+        prepared: list[tuple[ScoreItem, EncodedItem]] = []
+        for i, raw in enumerate(items):
+            try:
+                prepared.append(self.prepare(raw))
+                good.append(i)
+            except ValueError as e:
+                if errors == "raise":
+                    raise ItemError(i, str(e)) from None
+                results[i] = ScoreResult(error=str(e))
+        for i, r in zip(good, self.score_prepared(prepared)):
+            results[i] = r
+        return results  # type: ignore[return-value]
+
+    def score_prepared(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
+        """Score validated, tokenized items group by group; results in input order."""
+        shared = self.config.mode == "shared"
+        units = [enc.units(shared) for _, enc in prepared]
+        results: list[ScoreResult | None] = [None] * len(prepared)
+        for g in self.groups([sum(u.num_tokens for u in us) for us in units]):
+            for i, r in zip(g, self.score_group([prepared[i] for i in g], [units[i] for i in g])):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def groups(self, sizes: list[int]) -> list[list[int]]:
+        """Item indices in groups under max_group_tokens, longest first (similar lengths pack well)."""
+        groups, cur, tokens = [], [], 0
+        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+            if cur and tokens + sizes[i] > self.config.max_group_tokens:
+                groups.append(cur)
+                cur, tokens = [], 0
+            cur.append(i)
+            tokens += sizes[i]
+        return groups + [cur] if cur else groups
+
+    def score_group(self, prepared, units) -> list[ScoreResult]:
+        """Lay out, pack, one forward, then sums per choice and decisions per item."""
+        flat = [u for us in units for u in us]
+        batch = layout(flat, self.config.pack_capacity, self.pad_id)
+        t0 = self._now()
+        logprob, greedy = target_logprobs(self.model, batch)  # [T], [T]
+        prefill_s = self._now() - t0
+        sums, counts, all_greedy = per_branch(logprob, greedy, batch.target_branch,
+                                              sum(len(u.branches) for u in flat))
+        out, b = [], 0
+        for (item, enc), us in zip(prepared, units):
+            n = len(item.choices)
+            lps, nts, grd = sums[b:b + n], counts[b:b + n], all_greedy[b:b + n]
+            b += n
+            tokens = sum(u.num_tokens for u in us)
+            out.append(ScoreResult(
+                choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=grd,
+                **decide(lps, nts, item.choices, item.answer, self.config.length_norm),
+                num_tokens=tokens, shared=len(us) == 1 and n > 1,
+                prefill_s=prefill_s * tokens / batch.num_tokens, pack_units=len(flat),
+                pack_rows=batch.num_rows, pack_efficiency=batch.efficiency))
+        return out
+
+    def _now(self) -> float:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
+
+
+def score(model, tokenizer, items: Sequence[Mapping[str, Any] | ScoreItem], mode: str | None = None,
+          config: ScoreConfig | None = None, errors: str = "raise") -> list[ScoreResult]:
+    """Score items (dicts with prompt, choices, optional answer); results in input order.
+
+    mode overrides config.mode when given; the default is ScoreConfig's ("shared").
+    """
+    config = config or ScoreConfig()
+    if mode is not None:
+        config = replace(config, mode=mode)
+    return Scorer(model, tokenizer, config).score(items, errors)
+
+
+def accuracy(results: Sequence[ScoreResult]) -> dict[str, Any]:
+    """Counts and accuracy (both rules) over scored items with an answer."""
+    scored = [r for r in results if r.error is None]
+    judged = [r for r in scored if r.correct is not None]
+    n = len(judged)
+    return {"items": len(results), "scored": len(scored), "errors": len(results) - len(scored),
+            "judged": n,
+            "accuracy": sum(r.correct for r in judged) / n if n else None,
+            "accuracy_norm": sum(r.correct_norm for r in judged) / n if n else None}

@@ -1,0 +1,122 @@
+"""Scoring job: rows -> groups -> ScoreActor -> output rows -> summary; and the Ray Data job."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from prepack_actor.config import ConfigError, load_config
+from prepack_actor.dataset import read_output
+from prepack_actor.loading import load_model
+from prepack_actor.repartition import unpack_group
+from prepack_actor.rows import parse_jsonl_shard
+from prepack_actor.score_actor import ScoreActor
+from prepack_actor.scoring import ScoreResult, decide, score
+from prepack_actor.scoring_config import ScoreJobConfig
+from prepack_actor.scoring_rows import ScoreSummary, group_rows, output_row, to_table
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = [json.loads(line) for line in (ROOT / "prepack_actor/data/sample_scoring.jsonl").read_text().splitlines()][:8]
+BAD = [  # (line, expected error_kind)
+    (json.dumps({"id": "no-choices", "prompt": "Q?", "choices": []}), "bad_choices"),
+    (json.dumps({"id": "missing-choices", "prompt": "Q?"}), "bad_choices"),
+    (json.dumps({"id": "str-choices", "prompt": "Q?", "choices": " A B"}), "bad_choices"),
+    (json.dumps({"id": "int-choice", "prompt": "Q?", "choices": [" A", 2]}), "bad_choices"),
+    (json.dumps({"id": "answer-range", "prompt": "Q?", "choices": [" A", " B"], "answer": 2}), "bad_answer"),
+    (json.dumps({"id": "answer-str", "prompt": "Q?", "choices": [" A", " B"], "answer": "A"}), "bad_answer"),
+    (json.dumps({"id": "empty-prompt", "prompt": "", "choices": [" A"]}), "empty_prompt"),
+    (json.dumps({"id": "no-prompt", "choices": [" A"]}), "missing_prompt"),
+    ('{"id": "broken", "prompt": ', "invalid_json"),
+]
+UNJUDGED = {"id": "no-answer", "prompt": "The sky is", "choices": [" blue", " green"], "extra": 7}
+
+
+def write_input(path: Path) -> Path:
+    lines = [json.dumps(r) for r in GOOD[:4]] + [b for b, _ in BAD] + [json.dumps(UNJUDGED)] + \
+            [json.dumps(r) for r in GOOD[4:]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def check_rows(rows: list[dict], model, tok) -> None:
+    """Behaviour shared by the direct and the Ray Data runs."""
+    n_in = len(GOOD) + len(BAD) + 1
+    assert len(rows) == n_in and len({r["id"] for r in rows}) == n_in  # rows in = rows out
+    by_id = {r["id"]: r for r in rows}
+    for line, kind in BAD:
+        row = by_id.get(json.loads(line)["id"]) if kind != "invalid_json" else \
+            next(r for r in rows if r["error_kind"] == "invalid_json")
+        assert row["error_kind"] == kind and row["error"], (line, row)
+        assert row["choice_logprobs"] is None and row["pred"] is None and row["correct"] is None
+    expected = score(model, tok, GOOD + [UNJUDGED], mode="simple")  # the library, other layout
+    for item, exp in zip(GOOD + [UNJUDGED], expected):
+        row = by_id[item["id"]]
+        assert row["error"] is None and row["shared"] is True
+        assert max(abs(a - b) for a, b in zip(row["choice_logprobs"], exp.choice_logprobs)) < 1e-4
+        assert (row["pred"], row["pred_norm"], row["choice_num_tokens"]) == (exp.pred, exp.pred_norm,
+                                                                             exp.choice_num_tokens)
+        assert row["correct"] == (None if "answer" not in item else row["pred"] == item["answer"])
+        assert row["choices"] == item["choices"] and row["prefill_s"] > 0 and 0 < row["pack_efficiency"] <= 1
+    assert by_id["no-answer"]["extra"] == 7  # carried input columns come back
+
+
+def test_actor_scores_groups_and_passes_error_rows(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    model, tok = load_model(path, dtype="float32", device="cpu")
+    rows = parse_jsonl_shard(write_input(tmp_path / "in.jsonl").read_bytes(), "in.jsonl")
+    groups = group_rows(rows, tok, 2048, "shared", None, token_budget=600, max_rows=64)
+    assert len(groups["rows"]) >= 3  # the budget cuts the good rows into several groups
+    actor = ScoreActor(path, str(tmp_path), dtype="float32", device="cpu", mode="shared", token_budget=600)
+    out = [r for blob in groups["rows"] for r in actor.run_group(unpack_group(blob))]
+    check_rows(to_table(out).to_pylist(), model, tok)
+
+
+def test_summary_accuracy_equals_rows_and_rigged_scores_give_100_percent():
+    items = [{"choices": [" A", " B", " C"], "answer": a} for a in (0, 1, 2, 1)]
+    rows = []
+    for it in items:  # hand-made scores that favour the answer, through the same aggregation
+        lps = [-1.0 if j == it["answer"] else -9.0 for j in range(3)]
+        res = ScoreResult(choice_logprobs=lps, choice_num_tokens=[1] * 3, choice_is_greedy=[False] * 3,
+                          **decide(lps, [1] * 3, it["choices"], it["answer"]), num_tokens=10, prefill_s=0.5,
+                          pack_rows=1, pack_efficiency=0.9)
+        rows.append(output_row({"id": str(len(rows)), "carry": None}, res))
+    rows.append(output_row({"id": "bad", "error": "empty prompt", "error_kind": "empty_prompt"}))
+    acc = ScoreSummary()
+    acc.add(to_table(rows).to_pydict())
+    s = acc.finish(rows_in=5, wall_s=2.0)
+    assert (s["accuracy"], s["accuracy_norm"], s["judged"], s["rows_error"]) == (1.0, 1.0, 4, 1)
+    assert s["tokens_in"] == 40 and s["prefill_tokens_per_s"] == 20.0 and "tokens_out" not in s
+
+
+def test_config_rejects_bad_scoring_keys():
+    cfg = load_config(ScoreJobConfig, ["scoring.mode=simple"], ROOT / "conf" / "score.yaml")
+    assert cfg.scoring.mode == "simple" and cfg.output.path == "outputs/score"
+    with pytest.raises(ConfigError, match="scoring.mode"):
+        load_config(ScoreJobConfig, ["scoring.mode=tree"], ROOT / "conf" / "score.yaml")
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(ScoreJobConfig, ["scoring.nope=1"], ROOT / "conf" / "score.yaml")
+
+
+@pytest.mark.slow
+def test_job_through_ray_data(tiny_model_dir, tmp_path, ray_local):
+    """One CPU actor: with 2 CPUs, two actors would leave none for the read/group tasks."""
+    spec = importlib.util.spec_from_file_location("score_job", ROOT / "jobs" / "score.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    path = tiny_model_dir("llama")
+    model, tok = load_model(path, dtype="float32", device="cpu")
+    out = tmp_path / "out"
+    summary = job.main([f"model.path={path}", f"input.path={write_input(tmp_path / 'in.jsonl')}",
+                        f"output.path={out}", "output.format=jsonl", "model.dtype=float32",
+                        "packing.token_budget=700"])  # ray_local: a private 2-CPU Ray
+    rows = [r for t in read_output(str(out), "jsonl") for r in t.to_pylist()]
+    check_rows(rows, model, tok)
+    judged = [r for r in rows if r["correct"] is not None]
+    assert summary["rows_in"] == summary["rows_out"] == len(rows)
+    assert summary["judged"] == len(judged) == len(GOOD)
+    assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in judged) / len(judged))
+    assert summary["accuracy_norm"] == pytest.approx(sum(r["correct_norm"] for r in judged) / len(judged))
+    assert summary["errors_by_kind"]["bad_choices"] == 4
+    assert json.loads((out / "summary.json").read_text())["accuracy"] == summary["accuracy"]
