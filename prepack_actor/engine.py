@@ -150,6 +150,3 @@ def _per_prompt(sampling, n: int) -> list[SamplingParams]:
     if len(sampling) != n:
         raise ValueError(f"got {len(sampling)} SamplingParams for {n} prompts")
     return sampling
-
-
-_context_length = context_length  # kept for callers of the old private name

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .engine import _context_length
+from .prompts import context_length
 from .score_items import BadItem, EncodedItem, ScoreItem, check_item, encode_item
 from .score_pack import layout, per_branch, target_logprobs
 
@@ -111,7 +111,7 @@ class Scorer:
         self.model, self.tokenizer = model, tokenizer
         self.config = config or ScoreConfig()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_context = _context_length(model.config)
+        self.max_context = context_length(model.config)
 
     def prepare(self, raw: Mapping[str, Any] | ScoreItem) -> tuple[ScoreItem, EncodedItem]:
         """Validate and tokenize one item; ValueError with the reason."""
