@@ -112,7 +112,7 @@ class Engine:
         t_packed = self._now()
         logits, cache = last_token_logits(self.model, packed)  # [P, V]
         t_prefilled = self._now()
-        cache, attention_mask = kv_cache.unpack(cache, packed)
+        cache, attention_mask = kv_cache.unpack(cache, packed, room=max(p.max_new_tokens for p in params) - 1)
         sampler = Sampler(params, self.device)
         first = sampler(logits)
         t_first = self._now()

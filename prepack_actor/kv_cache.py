@@ -1,19 +1,67 @@
 """Split a packed KV cache into one left-padded batched cache, a row per prompt.
 
 Left padding is the layout `generate` uses, so decoding continues with a 2D attention
-mask and explicit positions, and the model code needs nothing special.
+mask and explicit positions, and the model code needs nothing special. Each layer lives
+in a buffer with room for the new tokens: a decode step writes one column in place
+instead of `torch.cat`-copying the whole cache as `DynamicLayer` does.
 """
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .packing import PackedBatch
 
 
+class BufferedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views of a preallocated [B, H, capacity, D] buffer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        b, h, n, d = keys.shape
+        self.buf_k = keys.new_empty(b, h, n + room, d)
+        self.buf_v = values.new_empty(b, h, n + room, values.shape[-1])
+        self.buf_k[:, :, :n] = keys
+        self.buf_v[:, :, :n] = values
+        self.n = n  # columns in use
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._view()
+
+    def _view(self) -> None:
+        self.keys, self.values = self.buf_k[:, :, : self.n], self.buf_v[:, :, : self.n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        if self.n + q > self.buf_k.shape[-2]:  # out of room: grow by doubling
+            grow = max(q, self.buf_k.shape[-2])
+            self.buf_k = torch.cat([self.buf_k, self.buf_k.new_empty(*self.buf_k.shape[:2], grow, self.buf_k.shape[3])], 2)
+            self.buf_v = torch.cat([self.buf_v, self.buf_v.new_empty(*self.buf_v.shape[:2], grow, self.buf_v.shape[3])], 2)
+        self.buf_k[:, :, self.n: self.n + q] = key_states
+        self.buf_v[:, :, self.n: self.n + q] = value_states
+        self.n += q
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def select(self, keep: torch.Tensor | None, start: int) -> None:
+        """Keep batch rows `keep` (None = all) and drop the first `start` columns."""
+        if keep is not None:  # a copy, only when prompts finish
+            self.buf_k, self.buf_v = self.buf_k[keep], self.buf_v[keep]
+        self.buf_k, self.buf_v = self.buf_k[:, :, start:], self.buf_v[:, :, start:]  # views
+        self.n -= start
+        self._view()
+
+
 @torch.inference_mode()
-def unpack(cache: DynamicCache, packed: PackedBatch) -> tuple[DynamicCache, torch.Tensor]:
-    """Packed cache [R, H, W, D] per layer -> (cache [P, H, Lmax, D], attention_mask [P, Lmax])."""
+def unpack(cache: DynamicCache, packed: PackedBatch, room: int = 0) -> tuple[DynamicCache, torch.Tensor]:
+    """Packed cache [R, H, W, D] per layer -> (cache [P, H, Lmax, D], attention_mask [P, Lmax]).
+
+    `room`: decode steps to preallocate. Consumes `cache`: each packed layer is freed as
+    soon as it is split, so the peak holds one packed layer, not all of them.
+    """
     device = cache.layers[0].keys.device
     length = packed.length.to(device)  # [P]
     lmax = int(length.max())
@@ -23,12 +71,16 @@ def unpack(cache: DynamicCache, packed: PackedBatch) -> tuple[DynamicCache, torc
     col = (packed.offset.to(device)[:, None] + j - start).clamp(min=0)  # [P, Lmax]
     # Flat slot index into [R * W]; pad slots read a real key and are masked later.
     flat = (packed.row.to(device)[:, None] * packed.width + col).reshape(-1)  # [P * Lmax]
-    pairs = []
+    layers = []
     for layer in cache.layers:
-        pairs.append(tuple(_gather(t, flat, len(length), lmax) for t in (layer.keys, layer.values)))
-    # No config: plain layers for every layer. The sliding window (if any) is applied by the
+        k, v = (_gather(t, flat, len(length), lmax) for t in (layer.keys, layer.values))
+        layer.keys = layer.values = None
+        layers.append(BufferedLayer(k, v, room))
+    # Plain (non-sliding) layers throughout: a sliding window, if any, is applied by the
     # model's mask over positions, as it is for `generate` with left padding.
-    return DynamicCache(pairs), valid.long()
+    out = DynamicCache()
+    out.layers = layers
+    return out, valid.long()
 
 
 def _gather(t: torch.Tensor, flat: torch.Tensor, p: int, lmax: int) -> torch.Tensor:
@@ -38,12 +90,11 @@ def _gather(t: torch.Tensor, flat: torch.Tensor, p: int, lmax: int) -> torch.Ten
     return slots.index_select(0, flat).view(p, lmax, h, d).transpose(1, 2)
 
 
-def select(cache: DynamicCache, keep: torch.Tensor, start: int = 0) -> None:
-    """Keep batch rows `keep` [A] and drop the first `start` columns, in place.
+def select(cache: DynamicCache, keep: torch.Tensor | None, start: int = 0) -> None:
+    """Keep batch rows `keep` (None = all) and drop the first `start` columns, in place.
 
     Called when prompts finish (rows) and when the remaining prompts' left pad
     shrinks (columns), so finished work stops costing compute.
     """
     for layer in cache.layers:
-        layer.keys = layer.keys[keep, :, start:]
-        layer.values = layer.values[keep, :, start:]
+        layer.select(keep, start)

@@ -15,6 +15,7 @@ import torch
 
 from . import tree_mask
 from .packing import pack
+from .prefill import head_only_at
 
 
 @dataclass
@@ -89,17 +90,8 @@ def target_logprobs(model, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tenso
     width = batch.input_ids.shape[1]
     flat = batch.target_row * width + batch.target_col  # [T]
     columns, inverse = torch.unique(flat, return_inverse=True)  # [C], [T]
-    head = model.get_output_embeddings()
-
-    # Apply the LM head only at the C columns we read, not at all R x W slots: a pre-hook
-    # swaps the head's input [R, W, H] for [1, C, H]. The model's own post-processing of
-    # logits (e.g. soft-capping) still runs, on the kept columns.
-    def keep_columns(module, args):
-        hidden = args[0]  # [R, W, H]
-        return (hidden.reshape(-1, hidden.shape[-1])[columns.to(hidden.device)][None],) + args[1:]
-
-    handle = head.register_forward_pre_hook(keep_columns)
-    try:
+    # The LM head runs only at the C columns we read, not at all R x W slots.
+    with head_only_at(model, columns):
         position_ids = batch.position_ids.to(device)
         out = model(
             input_ids=batch.input_ids.to(device),  # [R, W]
@@ -108,8 +100,6 @@ def target_logprobs(model, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tenso
                                                batch.branch_ids.to(device), position_ids),  # [R, 1, W, W]
             use_cache=False,
         )
-    finally:
-        handle.remove()
     logits = out.logits[0].float()[inverse.to(device)]  # [T, V]
     target = batch.target_token.to(device)[:, None]  # [T, 1]
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, target)[:, 0]  # [T]
