@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="/work/shared/data/alpaca.jsonl")
+    ap.add_argument("--data", default="../shared/data/alpaca.jsonl")
     ap.add_argument("--num-prompts", type=int, default=2000)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--size", choices=("tiny", "small"), default="tiny", help="tiny llama size")

@@ -27,7 +27,7 @@ from prepack_actor.loading import load_model
 from prepack_actor.scoring import ScoreConfig, Scorer
 from prepack_actor.tiny import build_tiny_model
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
 
 
 @torch.inference_mode()

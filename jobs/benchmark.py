@@ -1,6 +1,6 @@
 """Benchmark prepacking against full and length-ordered batching (Zhao et al., 2024).
 
-    python jobs/benchmark.py datasets=[/work/shared/data/alpaca.jsonl,/work/shared/data/mmlu.jsonl] \
+    python jobs/benchmark.py datasets=[../shared/data/alpaca.jsonl,../shared/data/mmlu.jsonl] \
         batch_sizes=[32,64] output_dir=results/benchmark
 
 Reads top to bottom: config, load data, build model, run prefill methods (interleaved

@@ -58,6 +58,12 @@ class StorageConfig:
     endpoint_url: str = ""  # S3 endpoint; "" = AWS_ENDPOINT_URL(_S3) env var or AWS default
     region: str = ""  # S3 region; "" = AWS_DEFAULT_REGION env var
     anon: bool = False  # unsigned S3 requests (public buckets)
+    max_attempts: int = 10  # S3 attempts per request (botocore retries: throttling, 5xx, dropped connections)
+    retry_mode: str = "adaptive"  # botocore retry mode: standard | adaptive (standard + client-side rate limit)
+
+    def __post_init__(self):
+        _at_least("storage.max_attempts", self.max_attempts, 1)
+        _choice("storage.retry_mode", self.retry_mode, ("standard", "adaptive", "legacy"))
 
 
 @dataclass
@@ -73,10 +79,11 @@ class InputConfig:
 class OutputConfig:
     path: str = "outputs/generate"  # output dir, local or URL; summary.json goes beside the shards
     format: str = "parquet"  # parquet | jsonl
-    overwrite: bool = True  # true: clear output.path first; false: fail if it holds files
+    mode: str = "resume"  # resume (finish an interrupted run; finished = no-op) | overwrite | error_if_exists
 
     def __post_init__(self):
         _choice("output.format", self.format, ("parquet", "jsonl"))
+        _choice("output.mode", self.mode, ("error_if_exists", "overwrite", "resume"))
         if not self.path:
             raise ConfigError("output.path: expected a directory or URL, got ''")
 
@@ -106,8 +113,10 @@ class PackingConfig:
     max_rows: int = 64  # prompts per actor call, >= 1
     window: int = 1024  # rows sorted by length together before grouping (bounds memory), >= 1
     global_sort: bool = False  # true: sort the whole dataset by length first (a global shuffle)
+    memory_budget_gb: float = 0.0  # > 0: derive token_budget from this per-actor budget (docs/failure.md); 0 = off
 
     def __post_init__(self):
+        _at_least("packing.memory_budget_gb", self.memory_budget_gb, 0)
         _at_least("packing.capacity", self.capacity, 0)
         _at_least("packing.token_budget", self.token_budget, 1)
         _at_least("packing.max_rows", self.max_rows, 1)
@@ -121,6 +130,8 @@ class ActorsConfig:
     cpus_per_actor: float = 1.0  # CPUs reserved per actor, > 0
     torch_threads: int = 0  # torch intra-op threads per actor, >= 0; 0 = Ray's default (= CPUs)
     max_tasks_in_flight: int = 2  # groups queued per actor, >= 1
+    max_restarts: int = 4  # times Ray restarts a dead actor (crash, OOM kill), >= -1 (-1 = forever)
+    max_task_retries: int = 4  # times a group is retried after its actor died, >= -1 (-1 = forever)
 
     def __post_init__(self):
         _at_least("actors.num_actors", self.num_actors, 1)
@@ -129,6 +140,8 @@ class ActorsConfig:
             raise ConfigError(f"actors.cpus_per_actor: expected a number > 0, got {self.cpus_per_actor!r}")
         _at_least("actors.torch_threads", self.torch_threads, 0)
         _at_least("actors.max_tasks_in_flight", self.max_tasks_in_flight, 1)
+        _at_least("actors.max_restarts", self.max_restarts, -1)
+        _at_least("actors.max_task_retries", self.max_task_retries, -1)
 
 
 @dataclass

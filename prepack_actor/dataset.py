@@ -2,8 +2,9 @@
 
     fs, shards = list_shards("s3://bucket/prompts/", "auto", storage)   # fails fast (InputError)
     ds, counter = read_rows(fs, shards)         # Dataset in stages.ROW_SCHEMA; bad lines -> error rows
-    prepare_output(path, storage, overwrite=True)
-    write_rows(ds, path, "parquet", storage)
+    state = prepare_output(path, storage, "resume", "parquet", job_info)   # output.mode; fails fast
+    ds = skip_done(ds, state.done_ids)                                     # resume: by id
+    write_rows(ds, path, "parquet", storage)    # atomic part files named by their ids
     table = read_output(path, "parquet", storage, columns=[...])       # pyarrow only, no Ray
     write_json(summary, f"{path}/summary.json", storage)
 
@@ -13,43 +14,23 @@ endpoint come from the standard AWS env vars or StorageConfig.
 """
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 
 import fsspec
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 
 from .config import StorageConfig
+from .resume import OutputError, OutputState, skip_done_stage, write_part_stage
+from .resume import prepare_output as _prepare_output
 from .rows import parse_jsonl_shard, parse_parquet_shard
 from .stages import ROW_SCHEMA, rows_to_table
-
-SUMMARY_NAME = "summary.json"  # written beside the output shards; never read as one
-EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}
+from .storage import (EXTENSIONS, SUMMARY_NAME, arrow_fs, filesystem, output_files,  # noqa: F401 - re-exported
+                      read_output, write_json)
 
 
 class InputError(ValueError):
     """A missing, empty or unreadable input path; the message is one line for the user."""
-
-
-def filesystem(path: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(fsspec filesystem, path without protocol) with S3 options from config or env."""
-    storage = storage or StorageConfig()
-    protocol = fsspec.core.split_protocol(path)[0]
-    opts: dict = {}
-    if protocol in ("s3", "s3a"):
-        endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        client = {k: v for k, v in (("endpoint_url", endpoint), ("region_name", storage.region)) if v}
-        opts = {"anon": storage.anon, "client_kwargs": client}
-    fs, root = fsspec.core.url_to_fs(path, **opts)
-    return fs, root
-
-
-def arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """The pyarrow view Ray Data reads and writes through (the same fsspec object, picklable)."""
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def _format_of(name: str) -> str | None:
@@ -132,52 +113,33 @@ def read_rows(fs: fsspec.AbstractFileSystem, shards: list[tuple[str, str]], coun
     return ds, counter
 
 
-def prepare_output(path: str, storage: StorageConfig | None = None, overwrite: bool = True) -> None:
-    """Clear (overwrite) or check (no overwrite) the output directory before any work."""
-    fs, root = filesystem(path, storage)
-    if fs.exists(root) and (fs.isfile(root) or fs.ls(root)):
-        if not overwrite:
-            raise InputError(f"output.path {path!r} is not empty (set output.overwrite=true)")
-        fs.rm(root, recursive=True)
+def prepare_output(path: str, storage: StorageConfig | None = None, mode: str | bool = "error_if_exists",
+                   fmt: str = "parquet", job_info: dict | None = None) -> OutputState:
+    """Apply output.mode (error_if_exists | overwrite | resume; a bool means overwrite or not)
+    before any work; raises InputError with one line (a missing bucket, no permission too)."""
+    mode = {True: "overwrite", False: "error_if_exists"}.get(mode, mode) if isinstance(mode, bool) else mode
+    try:
+        return _prepare_output(path, storage, mode, fmt, job_info)
+    except OutputError as e:
+        raise InputError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - the store's own error: one line
+        raise InputError(f"output.path {path!r}: cannot write: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def write_rows(ds, path: str, fmt: str, storage: StorageConfig | None = None) -> None:
-    """Parquet or JSON-lines shards under path, one file per block (one per actor call).
+def skip_done(ds, done_ids: set[str]):
+    """Resume: drop rows already written by an earlier run (by id)."""
+    return ds.map_batches(skip_done_stage, batch_size=None, batch_format="pyarrow",
+                          fn_kwargs=dict(done_ids=done_ids)) if done_ids else ds
+
+
+def write_rows(ds, path: str, fmt: str, storage: StorageConfig | None = None) -> int:
+    """One file per block (one per actor call), written atomically and named by its ids, so
+    a retried block replaces its own file (exactly once; see `resume`). Returns rows written.
 
     Blocks are not combined into bigger files: blocks may differ in carried columns (a
-    column absent from a whole group) and Ray's writer fails to concatenate those.
+    column absent from a whole group), and one group per file is what makes retries safe.
     """
-    fs, root = filesystem(path, storage)
-    fs.makedirs(root, exist_ok=True)
-    if fmt == "parquet":
-        ds.write_parquet(root, filesystem=arrow_fs(fs))
-    else:
-        assert fmt == "jsonl", fmt
-        ds.write_json(root, filesystem=arrow_fs(fs))
-
-
-def output_files(path: str, fmt: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    fs, root = filesystem(path, storage)
-    return fs, sorted(p for p in fs.find(root)
-                      if p.endswith(EXTENSIONS[fmt]) and posixpath.basename(p) != SUMMARY_NAME)
-
-
-def read_output(path: str, fmt: str, storage: StorageConfig | None = None, columns: list[str] | None = None):
-    """Iterate a job's output as pyarrow tables, one per file (only `columns` when given)."""
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-    fs, files = output_files(path, fmt, storage)
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            if fmt == "parquet":
-                table = pq.read_table(fh, columns=columns)
-            else:
-                table = pajson.read_json(fh)
-                table = table.select(columns) if columns else table
-        yield table
-
-
-def write_json(obj: dict, path: str, storage: StorageConfig | None = None) -> None:
-    fs, root = filesystem(path, storage)
-    with fs.open(root, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
+    written = ds.map_batches(write_part_stage, batch_size=None, batch_format="pyarrow",
+                             fn_kwargs=dict(path=path, fmt=fmt, storage=storage))
+    return sum(int(b["num_rows"].sum()) for b in written.iter_batches(batch_format="pandas", batch_size=None))

@@ -47,7 +47,7 @@ class SummaryAccumulator:
 
 
 def format_table(summary: dict, keys: tuple[str, ...] = (
-        "model", "output", "rows_in", "rows_out", "rows_ok", "rows_error", "errors_by_kind", "tokens_in",
+        "model", "output", "rows_in", "rows_out", "rows_reused", "rows_ok", "rows_error", "errors_by_kind", "tokens_in",
         "tokens_out", "wall_s", "tokens_out_per_s", "mean_pack_efficiency")) -> str:
     """A short two-column table of the headline figures."""
     present = [k for k in keys if k in summary]

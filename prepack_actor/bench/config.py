@@ -11,8 +11,8 @@ GENERATE_METHODS = ("full_batching_generate", "hf_continuous_batching", "prepack
 
 @dataclass
 class BenchmarkConfig:
-    datasets: list[str] = field(default_factory=lambda: ["/work/shared/data/alpaca.jsonl",
-                                                        "/work/shared/data/mmlu.jsonl"])
+    datasets: list[str] = field(default_factory=lambda: ["../shared/data/alpaca.jsonl",
+                                                        "../shared/data/mmlu.jsonl"])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 64])
     output_dir: str = "results/benchmark"
     model: str = ""
@@ -27,7 +27,7 @@ class BenchmarkConfig:
     best_capacity_multiple: float = 1.0
     best_min_width: int = 1024
     generate_methods: list[str] = field(default_factory=lambda: list(GENERATE_METHODS))
-    generate_datasets: list[str] = field(default_factory=lambda: ["/work/shared/data/mmlu.jsonl"])
+    generate_datasets: list[str] = field(default_factory=lambda: ["../shared/data/mmlu.jsonl"])
     generate_batch_size: int = 64
     new_tokens: int = 64
     generate_repeats: int = 2

@@ -1,0 +1,118 @@
+"""Files on local disk or object storage through fsspec (no Ray import).
+
+    fs, root = filesystem("s3://bucket/out/", storage)   # S3 retries from storage.max_attempts
+    write_table_atomic(table, "s3://bucket/out/part-ab12.parquet", "parquet", storage)
+    write_json(summary, "s3://bucket/out/summary.json", storage)       # atomic too
+    for table in read_output("s3://bucket/out/", "parquet", storage, columns=[...]): ...
+
+Atomicity: a local file is written under a temporary name (`_tmp-...`, which no reader
+lists) and renamed into place; an S3 object appears whole at the end of its PUT (or of
+its multipart upload), so it is written in place. Readers never see half a file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .config import StorageConfig
+
+SUMMARY_NAME = "summary.json"  # written beside the output shards, last; never read as one
+EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}
+
+
+def filesystem(path: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path without protocol) with S3 options from config or env.
+
+    S3 requests that fail transiently (throttling, 5xx, dropped connections) are retried by
+    botocore up to `storage.max_attempts` times with backoff (`storage.retry_mode`).
+    """
+    storage = storage or StorageConfig()
+    protocol = fsspec.core.split_protocol(path)[0]
+    opts: dict = {}
+    if protocol in ("s3", "s3a"):
+        endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client = {k: v for k, v in (("endpoint_url", endpoint), ("region_name", storage.region)) if v}
+        opts = {"anon": storage.anon, "client_kwargs": client,
+                "config_kwargs": {"retries": {"max_attempts": storage.max_attempts, "mode": storage.retry_mode}}}
+    fs, root = fsspec.core.url_to_fs(path, **opts)
+    return fs, root
+
+
+def arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """The pyarrow view Ray Data reads and writes through (the same fsspec object, picklable)."""
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None) -> None:
+    """Write a whole file so that no reader sees it half written (see module doc)."""
+    fs, root = filesystem(path, storage)
+    if not is_local(fs):
+        fs.pipe_file(root, data)  # one PUT (or multipart upload): atomic per object
+        return
+    fs.makedirs(posixpath.dirname(root), exist_ok=True)
+    tmp = posixpath.join(posixpath.dirname(root), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(root)}.part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root)  # atomic on POSIX; a retried writer of the same name just replaces it
+
+
+def table_bytes(table: pa.Table, fmt: str) -> bytes:
+    """A table as a Parquet file or JSON lines (nested carried columns stay nested)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+    assert fmt == "jsonl", fmt
+    return "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()).encode()
+
+
+def write_table_atomic(table: pa.Table, path: str, fmt: str, storage: StorageConfig | None = None) -> None:
+    write_bytes_atomic(table_bytes(table, fmt), path, storage)
+
+
+def output_files(path: str, fmt: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """Finished data files under path: not summary.json, not `_`/`.` names (temp, job info)."""
+    fs, root = filesystem(path, storage)
+    if not fs.exists(root):
+        return fs, []
+    return fs, sorted(p for p in fs.find(root) if p.endswith(EXTENSIONS[fmt])
+                      and not posixpath.basename(p).startswith(("_", ".")) and posixpath.basename(p) != SUMMARY_NAME)
+
+
+def read_output(path: str, fmt: str, storage: StorageConfig | None = None, columns: list[str] | None = None):
+    """Iterate a job's output as pyarrow tables, one per file (only `columns` when given)."""
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+    fs, files = output_files(path, fmt, storage)
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            if fmt == "parquet":
+                table = pq.read_table(fh, columns=columns)
+            else:
+                table = pajson.read_json(fh)
+                table = table.select(columns) if columns else table
+        yield table
+
+
+def write_json(obj: dict, path: str, storage: StorageConfig | None = None) -> None:
+    """A JSON file written atomically (summary.json is written this way, last)."""
+    write_bytes_atomic(json.dumps(obj, indent=2, default=str).encode(), path, storage)
+
+
+def read_json(path: str, storage: StorageConfig | None = None) -> dict | None:
+    fs, root = filesystem(path, storage)
+    return json.loads(fs.cat_file(root)) if fs.exists(root) else None
