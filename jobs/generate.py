@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 
 from prepack_actor.config import GenerateConfig, config_or_exit, to_dict  # noqa: E402
-from prepack_actor.dataset import (InputError, list_shards, prepare_output, read_output,  # noqa: E402
+from prepack_actor.dataset import (InputError, check_actor_fit, list_shards, prepare_output, read_output,  # noqa: E402
                                    read_rows, skip_done, write_json, write_rows)
 from prepack_actor.actor import PrepackActor  # noqa: E402
 from prepack_actor.faults import FaultPlan  # noqa: E402
@@ -83,6 +83,10 @@ def main(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (set by `ray job submit`) joins a cluster; else a local Ray
+    try:
+        check_actor_fit(cfg.actors.num_actors, cfg.actors.cpus_per_actor, cfg.actors.gpus_per_actor)
+    except InputError as e:
+        fail(str(e))
 
     # 2. Read: one task per shard, every line or record becomes a row (bad ones carry `error`).
     ds, counter = read_rows(fs, shards)

@@ -143,3 +143,22 @@ def write_rows(ds, path: str, fmt: str, storage: StorageConfig | None = None) ->
     written = ds.map_batches(write_part_stage, batch_size=None, batch_format="pyarrow",
                              fn_kwargs=dict(path=path, fmt=fmt, storage=storage))
     return sum(int(b["num_rows"].sum()) for b in written.iter_batches(batch_format="pandas", batch_size=None))
+
+
+def check_actor_fit(num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Refuse an actor pool that would starve Ray Data's own tasks (the job would hang).
+
+    CPU actors that reserve every CPU of the cluster leave none for the read, tokenize and
+    write tasks, and Ray Data waits for them forever. GPU pools larger than the cluster may
+    still be satisfied by an autoscaler, so they only warn.
+    """
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if num_actors * cpus_per_actor >= cpus:
+        raise InputError(
+            f"actors.num_actors={num_actors} x actors.cpus_per_actor={cpus_per_actor:g} reserve all "
+            f"{cpus:g} CPUs of the cluster; the read and tokenize tasks need at least one free CPU. "
+            f"Lower actors.num_actors or actors.cpus_per_actor (fractions such as 0.5 are allowed)")
+    if gpus_per_actor and num_actors * gpus_per_actor > gpus:
+        print(f"warning: actors.num_actors={num_actors} x actors.gpus_per_actor={gpus_per_actor:g} "
+              f"need more than the {gpus:g} GPUs the cluster has now; waiting for more to join")

@@ -90,3 +90,12 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
     assert on_disk["tokens_in"] == sum(r["num_input_tokens"] for r in good.values())
     assert on_disk["model"] == model_dir and on_disk["tokens_out_per_s"] > 0
     assert 0 < on_disk["mean_pack_efficiency"] <= 1
+
+
+def test_actor_pool_that_takes_every_cpu_is_refused(ray_local):
+    """Two 1-CPU actors on a 2-CPU Ray would starve the read tasks and hang: refuse it."""
+    from prepack_actor.dataset import InputError, check_actor_fit
+
+    with pytest.raises(InputError, match=r"actors.num_actors=2 x actors.cpus_per_actor=1 reserve all 2 CPUs"):
+        check_actor_fit(2, 1, 0)
+    check_actor_fit(2, 0.5, 0)  # leaves one CPU free: accepted
