@@ -46,11 +46,9 @@ class BufferedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.n
 
-    def select(self, keep: torch.Tensor | None, start: int) -> None:
-        """Keep batch rows `keep` (None = all) and drop the first `start` columns."""
-        if keep is not None:  # a copy, only when prompts finish
-            self.buf_k, self.buf_v = self.buf_k[keep], self.buf_v[keep]
-        self.buf_k, self.buf_v = self.buf_k[:, :, start:], self.buf_v[:, :, start:]  # views
+    def select(self, keep: torch.Tensor, start: int) -> None:
+        """Keep batch rows `keep` and drop the first `start` columns (a copy; prompts finished)."""
+        self.buf_k, self.buf_v = self.buf_k[keep, :, start:], self.buf_v[keep, :, start:]
         self.n -= start
         self._view()
 
@@ -90,8 +88,8 @@ def _gather(t: torch.Tensor, flat: torch.Tensor, p: int, lmax: int) -> torch.Ten
     return slots.index_select(0, flat).view(p, lmax, h, d).transpose(1, 2)
 
 
-def select(cache: DynamicCache, keep: torch.Tensor | None, start: int = 0) -> None:
-    """Keep batch rows `keep` (None = all) and drop the first `start` columns, in place.
+def select(cache: DynamicCache, keep: torch.Tensor, start: int = 0) -> None:
+    """Keep batch rows `keep` [A] and drop the first `start` columns, in place.
 
     Called when prompts finish (rows) and when the remaining prompts' left pad
     shrinks (columns), so finished work stops costing compute.
