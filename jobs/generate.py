@@ -22,8 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 
 from prepack_actor.config import GenerateConfig, config_or_exit, to_dict  # noqa: E402
-from prepack_actor.dataset import (InputError, check_actor_fit, list_shards, prepare_output, read_output,  # noqa: E402
-                                   read_rows, skip_done, write_json, write_rows)
+from prepack_actor.dataset import (InputError, actor_device, actor_pool, list_shards, prepare_output, read_output,  # noqa: E402
+                                   read_rows, skip_done, start_ray, write_json, write_rows)
 from prepack_actor.actor import PrepackActor  # noqa: E402
 from prepack_actor.faults import FaultPlan  # noqa: E402
 from prepack_actor.model_source import resolve_model_path  # noqa: E402
@@ -81,10 +81,8 @@ def main(argv: list[str]) -> dict:
             fail(str(e))
         print(f"packing.token_budget = {token_budget} (from packing.memory_budget_gb={cfg.packing.memory_budget_gb})")
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (set by `ray job submit`) joins a cluster; else a local Ray
     try:
-        check_actor_fit(cfg.actors.num_actors, cfg.actors.cpus_per_actor, cfg.actors.gpus_per_actor)
+        start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray
     except InputError as e:
         fail(str(e))
 
@@ -106,16 +104,10 @@ def main(argv: list[str]) -> dict:
     # 4. Actor pool: one group per call; the model loads once per actor. A dead actor is
     #    restarted (max_restarts) and its unfinished groups are retried (max_task_retries).
     ds = ds.map_batches(
-        PrepackActor, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors,
-                                           max_tasks_in_flight_per_actor=cfg.actors.max_tasks_in_flight),
-        num_gpus=cfg.actors.gpus_per_actor, num_cpus=cfg.actors.cpus_per_actor,
-        max_restarts=cfg.actors.max_restarts, max_task_retries=cfg.actors.max_task_retries,
+        PrepackActor, batch_size=1, batch_format="pyarrow", **actor_pool(cfg.actors),
         fn_constructor_kwargs=dict(
             model_path=cfg.model.path, model_cache_dir=str(Path(cfg.model.cache_dir).resolve()),
-            # "auto" on a CPU actor means cpu, even on a node with GPUs it did not reserve.
-            dtype=cfg.model.dtype, device="cpu" if cfg.model.device == "auto" and not cfg.actors.gpus_per_actor
-            else cfg.model.device,
+            dtype=cfg.model.dtype, device=actor_device(cfg.model.device, cfg.actors.gpus_per_actor),
             attn_implementation=cfg.model.attn_implementation, pack_capacity=cfg.packing.capacity,
             token_budget=token_budget, max_rows=cfg.packing.max_rows,
             temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,

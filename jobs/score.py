@@ -21,8 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 
 from prepack_actor.config import config_or_exit, to_dict  # noqa: E402
-from prepack_actor.dataset import (InputError, check_actor_fit, list_shards, prepare_output, read_output,  # noqa: E402
-                                   read_rows, skip_done, write_json, write_rows)
+from prepack_actor.dataset import (InputError, actor_device, actor_pool, list_shards, prepare_output, read_output,  # noqa: E402
+                                   read_rows, skip_done, start_ray, write_json, write_rows)
 from prepack_actor.model_source import resolve_model_path  # noqa: E402
 from prepack_actor.score_actor import ScoreActor  # noqa: E402
 from prepack_actor.scoring_config import ScoreJobConfig  # noqa: E402
@@ -49,7 +49,10 @@ def main(argv: list[str]) -> dict:
         fs, shards = list_shards(input_path, cfg.input.format, cfg.storage)
         model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
         load_tokenizer(model_path)  # fail fast on an unreadable model, before Ray
-        state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format)  # docs/failure.md
+        job_info = {k: v for k, v in to_dict(cfg).items() if k in ("model", "input", "scoring")}
+        job_info["output_format"] = cfg.output.format  # resume refuses outputs of other settings
+        state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format,
+                               job_info)  # docs/failure.md
     except (InputError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0])
     except Exception as e:  # noqa: BLE001 - e.g. a missing or broken checkpoint
@@ -58,10 +61,8 @@ def main(argv: list[str]) -> dict:
         print(f"output.path {cfg.output.path!r} is already complete (summary.json present): nothing to do")
         return state.complete
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (set by `ray job submit`) joins a cluster; else a local Ray
     try:
-        check_actor_fit(cfg.actors.num_actors, cfg.actors.cpus_per_actor, cfg.actors.gpus_per_actor)
+        start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray
     except InputError as e:
         fail(str(e))
 
@@ -76,15 +77,12 @@ def main(argv: list[str]) -> dict:
     ds = ds.repartition(target_num_rows_per_block=1)  # one group per block: spreads groups over actors
 
     # 4. Actor pool: one group per call, one forward per group; the model loads once per actor.
+    #    A dead actor is restarted (max_restarts) and its unfinished groups retried (max_task_retries).
     ds = ds.map_batches(
-        ScoreActor, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors,
-                                           max_tasks_in_flight_per_actor=cfg.actors.max_tasks_in_flight),
-        num_gpus=cfg.actors.gpus_per_actor, num_cpus=cfg.actors.cpus_per_actor,
+        ScoreActor, batch_size=1, batch_format="pyarrow", **actor_pool(cfg.actors),
         fn_constructor_kwargs=dict(
             model_path=cfg.model.path, model_cache_dir=str(Path(cfg.model.cache_dir).resolve()),
-            dtype=cfg.model.dtype,
-            device=cfg.model.device if cfg.actors.gpus_per_actor or cfg.model.device != "auto" else "cpu",
+            dtype=cfg.model.dtype, device=actor_device(cfg.model.device, cfg.actors.gpus_per_actor),
             attn_implementation=cfg.model.attn_implementation, mode=cfg.scoring.mode,
             length_norm=cfg.scoring.length_norm, pack_capacity=cfg.packing.capacity,
             token_budget=cfg.packing.token_budget, torch_threads=cfg.actors.torch_threads))
@@ -99,7 +97,8 @@ def main(argv: list[str]) -> dict:
         acc.add(table.to_pydict())
     rows_in = sum(ray.get(counter.get.remote()).values())
     summary = acc.finish(rows_in=rows_in, wall_s=wall_s, model=cfg.model.path, model_path=model_path,
-                         input=input_path, output=cfg.output.path, num_shards=len(shards), config=to_dict(cfg))
+                         input=input_path, output=cfg.output.path, num_shards=len(shards),
+                         rows_reused=len(state.done_ids), config=to_dict(cfg))
     print(format_table(summary, HEADLINE))
     if summary["rows_out"] != rows_in:
         fail(f"rows out ({summary['rows_out']}) != rows in ({rows_in})")

@@ -145,6 +145,32 @@ def write_rows(ds, path: str, fmt: str, storage: StorageConfig | None = None) ->
     return sum(int(b["num_rows"].sum()) for b in written.iter_batches(batch_format="pandas", batch_size=None))
 
 
+
+def start_ray(actors) -> None:
+    """Join the cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray, then
+    check that the actor pool fits it (raises InputError)."""
+    if not ray.is_initialized():
+        ray.init()
+    check_actor_fit(actors.num_actors, actors.cpus_per_actor, actors.gpus_per_actor)
+
+
+def actor_pool(actors) -> dict:
+    """map_batches arguments for an actor pool: size, resources, restarts and retries.
+
+    A dead actor is restarted (max_restarts) and its unfinished groups retried
+    (max_task_retries); Ray 2.60 takes both as remote args.
+    """
+    return dict(compute=ray.data.ActorPoolStrategy(size=actors.num_actors,
+                                                   max_tasks_in_flight_per_actor=actors.max_tasks_in_flight),
+                num_gpus=actors.gpus_per_actor, num_cpus=actors.cpus_per_actor,
+                max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
+
+
+def actor_device(device: str, gpus_per_actor: float) -> str:
+    """"auto" on a CPU actor means cpu, even on a node with GPUs it did not reserve."""
+    return "cpu" if device == "auto" and not gpus_per_actor else device
+
+
 def check_actor_fit(num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
     """Refuse an actor pool that would starve Ray Data's own tasks (the job would hang).
 

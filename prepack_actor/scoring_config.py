@@ -36,3 +36,5 @@ class ScoreJobConfig:
     def __post_init__(self):
         if self.packing.global_sort:  # rows are grouped in the same stage that tokenizes them
             raise ConfigError("packing.global_sort: not supported by the scoring job; use a larger packing.window")
+        if self.packing.memory_budget_gb:  # its formula counts decode tokens; scoring has none
+            raise ConfigError("packing.memory_budget_gb: not supported by the scoring job; set packing.token_budget")

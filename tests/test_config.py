@@ -68,3 +68,23 @@ def test_empty_input_fails_fast(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), f"input.path={empty}",
                         f"output.path={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.strip() == f"error: input.path '{empty}': input is empty"
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> set[str]:
+    return {k2 for k, v in d.items()
+            for k2 in (_leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k})}
+
+
+@pytest.mark.parametrize("name, schema", [("generate.yaml", "GenerateConfig"), ("score.yaml", "ScoreJobConfig")])
+def test_every_schema_key_is_written_in_its_yaml(name, schema):
+    """conf/*.yaml lists every key (one commented line each), not only the changed ones."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from prepack_actor import config, scoring_config
+    cls = getattr(config, schema, None) or getattr(scoring_config, schema)
+    text = (REPO / "conf" / name).read_text()
+    assert _leaf_keys(yaml.safe_load(text)) == _leaf_keys(OmegaConf.to_container(OmegaConf.structured(cls)))
+    for line in text.splitlines():
+        if line.startswith("  ") and ":" in line and not line.strip().startswith("#"):
+            assert "#" in line, f"{name}: undocumented key: {line}"
