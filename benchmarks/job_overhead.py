@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from prepack_actor import Engine, EngineConfig, SamplingParams, load_model  # noqa: E402
-from prepack_actor.model_source import resolve_model_path  # noqa: E402
+from prepack_actor.models import resolve_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,8 +70,8 @@ def main() -> None:
         try:
             summary = job.main([f"model.path={model_path}", f"input.path={src}", f"output.path={tmp}/out",
                                 f"sampling.max_new_tokens={args.max_new_tokens}", "sampling.ignore_eos=true",
-                                f"packing.token_budget={args.token_budget}", f"packing.max_rows={args.max_rows}",
-                                "actors.num_actors=1", f"actors.torch_threads={args.threads}"])
+                                f"packing.max_group_tokens={args.token_budget}", f"packing.max_group_prompts={args.max_rows}",
+                                "actors.concurrency=1", f"actors.torch_threads={args.threads}"])
         finally:
             ray.shutdown()
     assert summary["tokens_out"] == n_tokens, summary["tokens_out"]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from prepack_actor.baselines import pad_left
-from prepack_actor.loading import load_model
+from prepack_actor.bench.baselines import pad_left
+from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreConfig, Scorer
 from prepack_actor.tiny import build_tiny_model
 

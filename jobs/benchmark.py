@@ -26,8 +26,8 @@ from prepack_actor.bench.largest import largest_batch  # noqa: E402
 from prepack_actor.bench.measure import interleaved, prepare_cpu_allocator  # noqa: E402
 from prepack_actor.bench.methods import capacity_rule, prefill_runner  # noqa: E402
 from prepack_actor.bench.workload import dataset_name, make_workload, predictors, read_prompts  # noqa: E402
-from prepack_actor.config import config_or_exit, to_dict  # noqa: E402
-from prepack_actor.loading import load_model  # noqa: E402
+from prepack_actor.job.config import config_or_exit, to_dict  # noqa: E402
+from prepack_actor.models import load_model  # noqa: E402
 from prepack_actor.tiny import build_tiny_model  # noqa: E402
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "conf" / "benchmark.yaml"

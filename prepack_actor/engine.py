@@ -13,12 +13,14 @@ from typing import Sequence
 
 import torch
 
-from . import kv_cache
-from .generation import StopChecker, decode
-from .packing import pack
-from .prefill import last_token_logits
-from .prompts import Prompt, context_length, encode
-from .sampling import Sampler, SamplingParams
+from .core import kv_cache
+from .core.decode import decode
+from .core.forward import last_token_logits
+from .core.grouping import group_by_length
+from .core.packing import pack
+from .core.sampling import Sampler, SamplingParams
+from .inputs import Prompt, encode_prompts
+from .models import context_length
 
 
 @dataclass
@@ -53,6 +55,23 @@ class GenerationResult:
     pack_efficiency: float  # real tokens / packed slots, in (0, 1]
 
 
+class StopChecker:
+    """EOS ids and stop strings; decodes text only for prompts that have stop strings."""
+
+    def __init__(self, tokenizer, eos_ids: set[int]):
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+
+    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None]:
+        if not params.ignore_eos and tokens[-1] in self.eos_ids:
+            return True, None
+        if params.stop:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            hits = [text.find(s) for s in params.stop if s in text]
+            if hits:
+                return True, min(hits)
+        return False, None
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -66,21 +85,12 @@ class Engine:
 
     def encode(self, prompts: Sequence[Prompt], reserve: int | Sequence[int] = 0) -> list[list[int]]:
         """Token ids per prompt; raises PromptError naming the first bad prompt."""
-        return encode(self.tokenizer, prompts, self.max_context, reserve)
+        return encode_prompts(self.tokenizer, prompts, self.max_context, reserve)
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
         """Split prompt indices into groups under the prompt-count and token budgets."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if self.config.sort_by_length \
-            else list(range(len(lengths)))
-        groups, cur, tokens = [], [], 0
-        for i in order:
-            if cur and (len(cur) >= self.config.max_group_prompts
-                        or tokens + lengths[i] > self.config.max_group_tokens):
-                groups.append(cur)
-                cur, tokens = [], 0
-            cur.append(i)
-            tokens += lengths[i]
-        return groups + [cur] if cur else groups
+        c = self.config
+        return group_by_length(lengths, c.max_group_tokens, c.max_group_prompts, c.sort_by_length)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Prompt]) -> torch.Tensor:
@@ -117,7 +127,7 @@ class Engine:
         first = sampler(logits)
         t_first = self._now()
         decoded = decode(self.model, cache, attention_mask, packed.length, first, sampler, params,
-                         self.stops, self._sync)
+                         lambda p, tokens: self.stops.check(tokens, params[p]), self._sync)
         overhead = (t_packed - t0) + (t_first - t_prefilled)
         out = []
         for p, d in enumerate(decoded):

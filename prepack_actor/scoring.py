@@ -5,15 +5,15 @@
 
 For every (prompt, choice) pair: the sum of the choice tokens' log-probabilities given the
 prompt, the number of choice tokens, and whether every choice token is the argmax.
-Tokenization follows lm-evaluation-harness (see score_items.py for the exact rule).
+Tokenization follows lm-evaluation-harness (see inputs.py for the exact rule).
 
 Modes:
 - "simple": each prompt + choice is its own packed segment (the paper's layout).
 - "shared": the prompt is packed once and the choices are branches of a tree mask
-  (tree_mask.py), so a 4-choice item costs one prompt plus four short continuations.
+  (core/masks.py), so a 4-choice item costs one prompt plus four short continuations.
   Items whose prompt tokens are not common to all choices fall back to "simple".
 
-Per group of items (under `max_group_tokens`): lay out, pack FFD, one forward, aggregate.
+Per group of items (under `max_group_tokens`, `max_group_prompts`): pack FFD, one forward, sums.
 `pred` is the argmax of the sums; `pred_norm` of the sums divided by the choice's length
 in characters (lm-eval's acc_norm) or in tokens (`length_norm="tokens"`).
 """
@@ -25,9 +25,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .prompts import context_length
-from .score_items import BadItem, EncodedItem, ScoreItem, check_item, encode_item
-from .score_pack import layout, per_branch, target_logprobs
+from .core.forward import branch_logprobs
+from .core.grouping import group_by_length
+from .core.packing import pack
+from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item
+from .models import context_length
 
 MODES = ("shared", "simple")
 NORMS = ("chars", "tokens")
@@ -38,6 +40,7 @@ class ScoreConfig:
     mode: str = "shared"  # "shared" (prompt once, choices as tree branches) | "simple" (pair per segment)
     pack_capacity: int | None = None  # row width in tokens; None = the group's longest unit (paper)
     max_group_tokens: int = 8192  # tokens laid out per forward pass (bounds memory), >= 1
+    max_group_prompts: int = 256  # items per forward pass, >= 1
     length_norm: str = "chars"  # pred_norm divides by choice "chars" (lm-eval acc_norm) | "tokens"
 
     def __post_init__(self):
@@ -49,6 +52,8 @@ class ScoreConfig:
             raise ValueError(f"pack_capacity must be None or >= 1, got {self.pack_capacity}")
         if self.max_group_tokens < 1:
             raise ValueError(f"max_group_tokens must be >= 1, got {self.max_group_tokens}")
+        if self.max_group_prompts < 1:
+            raise ValueError(f"max_group_prompts must be >= 1, got {self.max_group_prompts}")
 
 
 @dataclass
@@ -67,14 +72,6 @@ class ScoreResult:
     pack_rows: int = 0  # packed rows of the item's group
     pack_efficiency: float = 0.0  # real tokens / packed slots of the group, in (0, 1]
     error: str | None = None  # why the item could not be scored; other fields empty
-
-
-class ItemError(ValueError):
-    """An item that cannot be scored; `index` is its position in the input."""
-
-    def __init__(self, index: int, reason: str):
-        super().__init__(f"item {index}: {reason}")
-        self.index, self.reason = index, reason
 
 
 def decide(logprobs: Sequence[float], num_tokens: Sequence[int], choices: Sequence[str],
@@ -97,7 +94,7 @@ def prepare(tokenizer, raw: Mapping[str, Any] | ScoreItem, max_context: int | No
     if pack_capacity is not None:
         longest = max(range(len(enc.pairs)), key=lambda j: len(enc.pairs[j]))
         if len(enc.pairs[longest]) > pack_capacity:
-            raise BadItem("too_long", f"prompt + choice {longest} is {len(enc.pairs[longest])} tokens "
+            raise BadInput("too_long", f"prompt + choice {longest} is {len(enc.pairs[longest])} tokens "
                              f"> pack_capacity {pack_capacity}")
         if enc.shareable and enc.units(True)[0].num_tokens > pack_capacity:
             enc.shareable = False  # the tree does not fit one row: the pairs do
@@ -128,9 +125,9 @@ class Scorer:
             try:
                 prepared.append(self.prepare(raw))
                 good.append(i)
-            except ValueError as e:
+            except BadInput as e:
                 if errors == "raise":
-                    raise ItemError(i, str(e)) from None
+                    raise ItemError(i, e.reason, e.kind) from None
                 results[i] = ScoreResult(error=str(e))
         for i, r in zip(good, self.score_prepared(prepared)):
             results[i] = r
@@ -139,33 +136,26 @@ class Scorer:
     def score_prepared(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
         """Score validated, tokenized items group by group; results in input order."""
         shared = self.config.mode == "shared"
-        units = [enc.units(shared) for _, enc in prepared]
+        sizes = [sum(u.num_tokens for u in enc.units(shared)) for _, enc in prepared]
         results: list[ScoreResult | None] = [None] * len(prepared)
-        for g in self.groups([sum(u.num_tokens for u in us) for us in units]):
-            for i, r in zip(g, self.score_group([prepared[i] for i in g], [units[i] for i in g])):
+        for g in self.groups(sizes):
+            for i, r in zip(g, self.score_group([prepared[i] for i in g])):
                 results[i] = r
         return results  # type: ignore[return-value]
 
     def groups(self, sizes: list[int]) -> list[list[int]]:
-        """Item indices in groups under max_group_tokens, longest first (similar lengths pack well)."""
-        groups, cur, tokens = [], [], 0
-        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-            if cur and tokens + sizes[i] > self.config.max_group_tokens:
-                groups.append(cur)
-                cur, tokens = [], 0
-            cur.append(i)
-            tokens += sizes[i]
-        return groups + [cur] if cur else groups
+        """Item indices in groups under the budgets, longest first (similar lengths pack well)."""
+        return group_by_length(sizes, self.config.max_group_tokens, self.config.max_group_prompts)
 
-    def score_group(self, prepared, units) -> list[ScoreResult]:
-        """Lay out, pack, one forward, then sums per choice and decisions per item."""
+    def score_group(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
+        """Pack one group, one forward, then sums per choice and decisions per item."""
+        units = [enc.units(self.config.mode == "shared") for _, enc in prepared]
         flat = [u for us in units for u in us]
-        batch = layout(flat, self.config.pack_capacity, self.pad_id)
+        batch = pack([u.prefix for u in flat], self.config.pack_capacity, self.pad_id, [u.branches for u in flat])
         t0 = self._now()
-        logprob, greedy = target_logprobs(self.model, batch)  # [T], [T]
+        logprob, greedy, branch = branch_logprobs(self.model, batch)  # [T] each
         prefill_s = self._now() - t0
-        sums, counts, all_greedy = per_branch(logprob, greedy, batch.target_branch,
-                                              sum(len(u.branches) for u in flat))
+        sums, counts, all_greedy = per_branch(logprob, greedy, branch, len(batch.branch_length))
         out, b = [], 0
         for (item, enc), us in zip(prepared, units):
             n = len(item.choices)
@@ -196,6 +186,15 @@ def score(model, tokenizer, items: Sequence[Mapping[str, Any] | ScoreItem], mode
     if mode is not None:
         config = replace(config, mode=mode)
     return Scorer(model, tokenizer, config).score(items, errors)
+
+
+def per_branch(values: torch.Tensor, greedy: torch.Tensor, branch: torch.Tensor,
+               num_branches: int) -> tuple[list[float], list[int], list[bool]]:
+    """Sum target log-probs per branch -> (sum, tokens, all tokens greedy), branch order."""
+    total = torch.zeros(num_branches, dtype=torch.float64).index_add_(0, branch, values.double())
+    count = torch.zeros(num_branches, dtype=torch.long).index_add_(0, branch, torch.ones_like(branch))
+    misses = torch.zeros(num_branches, dtype=torch.long).index_add_(0, branch, (~greedy).long())
+    return total.tolist(), count.tolist(), (misses == 0).tolist()
 
 
 def accuracy(results: Sequence[ScoreResult]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from prepack_actor.config import ConfigError, GenerateConfig, load_config, to_dict
+from prepack_actor.job.config import ConfigError, GenerateConfig, load_config, to_dict
 
 from job_helpers import REPO
 
@@ -26,7 +26,7 @@ def test_overrides_and_config_file(tmp_path):
     cfg = load_config(GenerateConfig, ["--config", str(other), "sampling.top_k=5", "sampling.stop=[a,b]"], YAML)
     assert cfg.sampling.max_new_tokens == 7 and cfg.output.format == "jsonl"
     assert cfg.sampling.top_k == 5 and cfg.sampling.stop == ["a", "b"]
-    assert cfg.packing.token_budget == 4096  # untouched keys keep the schema default
+    assert cfg.packing.max_group_tokens == 4096  # untouched keys keep the schema default
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -47,7 +47,7 @@ def test_bad_config_names_the_key(argv, expected):
 
 @pytest.mark.parametrize("argv, expected", [
     (["sampling.temprature=0.5"], "config error: sampling.temprature"),
-    (["actors.num_actors=two"], "config error: actors.num_actors"),
+    (["actors.concurrency=two"], "config error: actors.concurrency"),
     (["input.path=/no/such/dir"], "error: input.path '/no/such/dir': no such file or directory"),
     (["model.path=/no/such/model"], "error: model.path '/no/such/model'"),
 ])
@@ -81,8 +81,8 @@ def test_every_schema_key_is_written_in_its_yaml(name, schema):
     import yaml
     from omegaconf import OmegaConf
 
-    from prepack_actor import config, scoring_config
-    cls = getattr(config, schema, None) or getattr(scoring_config, schema)
+    from prepack_actor.job import config
+    cls = getattr(config, schema)
     text = (REPO / "conf" / name).read_text()
     assert _leaf_keys(yaml.safe_load(text)) == _leaf_keys(OmegaConf.to_container(OmegaConf.structured(cls)))
     for line in text.splitlines():

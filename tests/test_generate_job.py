@@ -5,10 +5,12 @@ import pyarrow as pa
 import pytest
 
 from prepack_actor import Engine, SamplingParams, load_model
-from prepack_actor.actor import PrepackActor
-from prepack_actor.dataset import read_output
-from prepack_actor.rows import parse_jsonl_shard, tokenize_rows
-from prepack_actor.stages import load_tokenizer
+from prepack_actor.job.actor import PrepackActor
+from prepack_actor.job.config import ModelConfig, PackingConfig, ProcessorConfig, PromptsConfig, SamplingConfig
+from prepack_actor.job.generate import GenerateTask
+from prepack_actor.job.rows import parse_jsonl_shard
+from prepack_actor.job.storage import read_output
+from prepack_actor.models import load_tokenizer
 
 from job_helpers import BAD_LINES, MESSAGES, good_jsonl_lines, load_job, write_inputs
 
@@ -26,9 +28,12 @@ def test_actor_called_directly_matches_engine(tiny_model_dir):
     """The stage worker without Ray: a group in, one output row per row, greedy == alone."""
     path = tiny_model_dir("llama")
     tok, ctx = load_tokenizer(path)
-    rows = tokenize_rows(parse_jsonl_shard("\n".join(good_jsonl_lines()).encode() + b"\n{bad", "s.jsonl"),
-                         tok, ctx, MAX_NEW, 0)
-    actor = PrepackActor(path, "unused", device="cpu", token_budget=4096, max_rows=64)
+    task = GenerateTask(SamplingConfig(max_new_tokens=MAX_NEW, seed=0), PromptsConfig())
+    rows = [task.prepare_row(r, tok, ctx) for r in
+            parse_jsonl_shard("\n".join(good_jsonl_lines()).encode() + b"\n{bad", "s.jsonl")]
+    actor = PrepackActor(ProcessorConfig(task="generate", model=ModelConfig(path=path, cache_dir="unused", device="cpu"),
+                                         packing=PackingConfig(max_group_tokens=4096, max_group_prompts=64),
+                                         sampling=SamplingConfig(max_new_tokens=MAX_NEW)))
     out = actor.run_group(rows)
     assert sorted(r["id"] for r in out) == sorted(r["id"] for r in rows)
     texts = [r["prompt"] or tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
@@ -51,7 +56,7 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
     job = load_job("generate")
     summary = job.main([f"model.path={model_dir}", f"input.path={inputs['dir']}", f"output.path={out_dir}",
                         f"output.format={out_format}", f"sampling.max_new_tokens={MAX_NEW}",
-                        "packing.token_budget=64", "packing.max_rows=3", "actors.num_actors=1"])
+                        "packing.max_group_tokens=64", "packing.max_group_prompts=3", "actors.concurrency=1"])
     table = pa.concat_tables(list(read_output(str(out_dir), out_format)), promote_options="permissive")
     rows = {r["id"]: r for r in table.to_pylist()}
 
@@ -94,8 +99,8 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
 
 def test_actor_pool_that_takes_every_cpu_is_refused(ray_local):
     """Two 1-CPU actors on a 2-CPU Ray would starve the read tasks and hang: refuse it."""
-    from prepack_actor.dataset import InputError, check_actor_fit
+    from prepack_actor.job.read import JobError, check_actor_fit
 
-    with pytest.raises(InputError, match=r"actors.num_actors=2 x actors.cpus_per_actor=1 reserve all 2 CPUs"):
+    with pytest.raises(JobError, match=r"actors.concurrency=2 x actors.cpus_per_actor=1 reserve all 2 CPUs"):
         check_actor_fit(2, 1, 0)
     check_actor_fit(2, 0.5, 0)  # leaves one CPU free: accepted

@@ -10,7 +10,7 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from prepack_actor import Engine, SamplingParams, load_model
-from prepack_actor.dataset import read_output
+from prepack_actor.job.storage import read_output
 
 from conftest import RAY_BIN
 from job_helpers import REPO
@@ -29,7 +29,7 @@ def test_ray_job_submit(ray_cluster, tiny_model_dir, tmp_path):
     submit = [RAY_BIN, "job", "submit", "--address", ray_cluster["address"], "--submission-id", sid,
               "--working-dir", str(REPO), "--no-wait", "--", sys.executable, "jobs/generate.py",
               f"model.path={model_dir}", f"input.path={src}", f"output.path={out}", "output.format=jsonl",
-              "sampling.max_new_tokens=5", "packing.max_rows=4", "actors.num_actors=1"]
+              "sampling.max_new_tokens=5", "packing.max_group_prompts=4", "actors.concurrency=1"]
     p = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     client = JobSubmissionClient(ray_cluster["address"])

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from prepack_actor import Engine, SamplingParams, load_model
-from prepack_actor.dataset import filesystem, read_output
+from prepack_actor.job.storage import filesystem, read_output
 
 from job_helpers import load_job, write_inputs
 
@@ -23,7 +23,7 @@ def test_job_reads_and_writes_s3(moto_s3, tiny_model_dir, ray_local, tmp_path):
 
     summary = load_job("generate").main([
         f"model.path={model_dir}", "input.path=s3://prompts/in/", "output.path=s3://prompts/out/",
-        "sampling.max_new_tokens=4", "packing.max_rows=4"])  # endpoint from AWS_ENDPOINT_URL
+        "sampling.max_new_tokens=4", "packing.max_group_prompts=4"])  # endpoint from AWS_ENDPOINT_URL
 
     out = pa.concat_tables(list(read_output("s3://prompts/out/", "parquet")), promote_options="permissive")
     rows = {r["id"]: r for r in out.to_pylist()}

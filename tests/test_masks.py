@@ -1,8 +1,8 @@
 """Masks: the vectorised predicate equals a dense loop reference; no NaN rows."""
 import torch
 
-from prepack_actor.masks import additive, block_causal
-from prepack_actor.packing import pack
+from prepack_actor.core.masks import additive, packed_causal
+from prepack_actor.core.packing import pack
 
 
 def dense_reference(segment_ids, window=None):
@@ -20,14 +20,14 @@ def dense_reference(segment_ids, window=None):
 def test_block_causal_equals_dense_reference():
     p = pack([[1] * n for n in (5, 3, 2, 7, 1, 4)], capacity=8)
     for window in (None, 2):
-        got = block_causal(p.segment_ids, window)
+        got = packed_causal(p.segment_ids, p.position_ids, None, window)
         assert torch.equal(got, dense_reference(p.segment_ids, window))
         assert got.any(-1).all(), "every query row, pad slots included, sees some key"
 
 
 def test_prompts_never_see_each_other():
     p = pack([[1, 2], [3, 4, 5]], capacity=5)
-    m = block_causal(p.segment_ids)[0, 0]
+    m = packed_causal(p.segment_ids, p.position_ids)[0, 0]
     seg = p.segment_ids[0]
     for q in range(5):
         for k in range(5):

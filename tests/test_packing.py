@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prepack_actor.packing import ffd, pack
+from prepack_actor.core.packing import ffd, pack
 
 lengths_st = st.lists(st.integers(1, 64), min_size=1, max_size=200)
 

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from prepack_actor.dataset import read_output
-from prepack_actor.oom import generate_splitting, is_oom
-from prepack_actor.resume import finished_ids
+from prepack_actor.job.storage import read_output
+from prepack_actor.job.oom import is_oom, run_splitting
+from prepack_actor.job.output import finished_ids
 
 from conftest import _stop_cluster
 from job_helpers import PROMPTS, REPO, load_job
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 NUM_ROWS = 16
 COMMON = ["sampling.max_new_tokens=4", "sampling.temperature=0.8", "sampling.top_k=20", "sampling.seed=3",
-          "actors.num_actors=1"]
+          "actors.concurrency=1"]
 CONTENT = ("generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens", "error_kind")
 
 
@@ -63,7 +63,7 @@ def clean(src, moto_s3, tiny_model_dir, ray_local, tmp_path_factory):
     ray_local so that the Ray workers inherit its AWS_* variables."""
     out = tmp_path_factory.mktemp("clean") / "out"
     load_job("generate").main([f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
-                               "packing.token_budget=64", "packing.max_rows=4", *COMMON])
+                               "packing.max_group_tokens=64", "packing.max_group_prompts=4", *COMMON])
     rows = content(str(out))
     assert len(rows) == NUM_ROWS + 1 and rows[f"prompts.jsonl:{NUM_ROWS + 1}"][-1] == "invalid_json"
     assert sum(r[-1] is None for r in rows.values()) == NUM_ROWS
@@ -88,11 +88,11 @@ def run_job(*args):
 # ---- actor failure ------------------------------------------------------------------
 def test_actor_killed_mid_job_is_restarted_and_rows_written_once(clean, src, tiny_model_dir, tmp_path):
     """The actor os._exit(1)s when starting its 3rd group (with another queued): Ray restarts
-    it, redoes the lost groups; same rows as the clean run (other grouping: max_rows=2)."""
+    it, redoes the lost groups; same rows as the clean run (other grouping: max_group_prompts=2)."""
     marker, out = tmp_path / "crashed", tmp_path / "out"
     with env(PREPACK_FAULT_EXIT_AFTER_GROUPS=2, PREPACK_FAULT_MARKER=marker):
         summary = run_job(f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
-                          "packing.max_rows=2", *COMMON)
+                          "packing.max_group_prompts=2", *COMMON)
     assert marker.exists(), "the injected crash did not happen"
     assert content(str(out)) == clean
     assert summary["rows_out"] == summary["rows_in"] == NUM_ROWS + 1 and summary["rows_reused"] == 0
@@ -105,27 +105,28 @@ def test_injected_oom_is_split_not_fatal(clean, src, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     with env(PREPACK_FAULT_OOM_ABOVE_TOKENS=120):
         summary = run_job(f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
-                          "packing.token_budget=4096", "packing.max_rows=64", *COMMON)
+                          "packing.max_group_tokens=4096", "packing.max_group_prompts=64", *COMMON)
     assert content(str(out)) == clean
     assert summary["errors_by_kind"] == {"invalid_json": 1}
 
 
-def test_generate_splitting_halves_down_to_single_prompts():
+def test_run_splitting_halves_down_to_single_prompts():
     calls = []
 
-    def generate(ids, params):
+    def generate(ids):
         calls.append(len(ids))
         if sum(map(len, ids)) > 5:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
         return [f"r{x[0]}" for x in ids]
 
     ids = [[0] * 3, [1] * 2, [2] * 2, [3] * 9]  # the last one never fits
-    out = generate_splitting(generate, ids, [None] * 4)
+    out = run_splitting(generate, ids)
     assert out[:3] == ["r0", "r1", "r2"] and is_oom(out[3])
     assert calls[0] == 4 and max(calls[1:]) == 2  # halved, not retried whole
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory")) and not is_oom(ValueError("x"))
-    with pytest.raises(ValueError):
-        generate_splitting(lambda i, p: (_ for _ in ()).throw(ValueError("not memory")), ids, [None] * 4)
+    # Any other failure is isolated the same way: only the prompt that fails alone carries it.
+    out = run_splitting(lambda part: [1 / len(x[0] - 3) for x in part], [[[1, 2]], [[1, 2, 3]], [[4]]])
+    assert out[0] == -1.0 and isinstance(out[1], ZeroDivisionError) and out[2] == -0.5
 
 
 # ---- driver killed, then resume -------------------------------------------------------
@@ -136,7 +137,7 @@ DRIVER = ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashbo
 def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_dir, tmp_path):
     out, temp = tmp_path / "out", Path("/tmp") / f"rk{os.getpid()}"
     args = [f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
-            "packing.max_rows=1", *COMMON]
+            "packing.max_group_prompts=1", *COMMON]
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(temp), *args], cwd=REPO, start_new_session=True,
                             env=dict(os.environ, PREPACK_FAULT_DELAY_S="0.3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,12 +270,12 @@ def test_s3_missing_bucket_fails_fast(src, moto_s3, tiny_model_dir, capsys):
 def test_token_budget_from_memory_budget(tiny_model_dir):
     from transformers import AutoConfig
 
-    from prepack_actor.oom import bytes_per_token, token_budget_for_memory
+    from prepack_actor.job.oom import bytes_per_token, token_budget_for_memory
     c = AutoConfig.from_pretrained(tiny_model_dir("llama"))
     kv, act = bytes_per_token(c, 4)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     assert kv == 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
-    budget = token_budget_for_memory(c, 0.01, 4, max_rows=8, max_new_tokens=16)
+    budget = token_budget_for_memory(c, 0.01, 4, max_group_prompts=8, max_new_tokens=16)
     assert budget == int((0.01 * 1024 ** 3 - 8 * 16 * kv) // (2 * kv + act)) > 0
     assert token_budget_for_memory(c, 0.02, 4, 8, 16) > budget  # more memory, bigger groups
     with pytest.raises(ValueError, match="too small"):

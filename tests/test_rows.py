@@ -3,8 +3,18 @@ import pickle
 
 import pytest
 
-from prepack_actor.rows import (derived_seed, output_row, parse_jsonl_shard, parse_parquet_shard,
-                                tokenize_rows, validate_record)
+from prepack_actor.job.config import PromptsConfig, SamplingConfig
+from prepack_actor.job.generate import GenerateTask
+from prepack_actor.job.rows import derived_seed, parse_jsonl_shard, parse_parquet_shard, validate_record
+
+
+def tokenize_rows(rows, tok, max_context, max_new_tokens, base_seed, over_long="error"):
+    task = GenerateTask(SamplingConfig(max_new_tokens=max_new_tokens, seed=base_seed), PromptsConfig(over_long))
+    return [task.prepare_row(r, tok, max_context) for r in rows]
+
+
+def output_row(row):
+    return GenerateTask(SamplingConfig(), PromptsConfig()).output_row(row)
 
 
 class FakeTok:
@@ -56,7 +66,8 @@ def test_tokenize_limits_truncation_and_seeds():
     assert out[2]["num_input_tokens"] == 3  # "<user> hi <assistant>"
     assert out[0]["seed"] == derived_seed(1, "a") != derived_seed(2, "a")
     cut = tokenize_rows(rows[:1], FakeTok(), 12, 4, 1, over_long="truncate")[0]
-    assert cut["error"] is None and cut["input_ids"] == list(range(3, 11)) and cut["num_truncated_tokens"] == 2
+    assert cut["error"] is None and cut["payload"]["input_ids"] == list(range(3, 11))
+    assert cut["payload"]["num_truncated_tokens"] == 2
 
 
 def test_output_row_carries_columns_and_output_wins():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prepack_actor import Engine, SamplingParams, load_model
-from prepack_actor.sampling import Sampler
+from prepack_actor.core.sampling import Sampler
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Scoring job: rows -> groups -> ScoreActor -> output rows -> summary; and the Ray Data job."""
+"""Scoring job: rows -> groups -> PrepackActor (score task) -> output rows -> summary; the Ray Data job."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,15 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from prepack_actor.config import ConfigError, load_config
-from prepack_actor.dataset import read_output
-from prepack_actor.loading import load_model
-from prepack_actor.repartition import unpack_group
-from prepack_actor.rows import parse_jsonl_shard
-from prepack_actor.score_actor import ScoreActor
+from prepack_actor.job.actor import PrepackActor
+from prepack_actor.job.config import (ConfigError, ModelConfig, PackingConfig, ProcessorConfig, ScoreJobConfig,
+                                      ScoringConfig, load_config)
+from prepack_actor.job.rows import make_groups, parse_jsonl_shard, unpack_group
+from prepack_actor.job.score import ScoreTask
+from prepack_actor.job.storage import read_output
+from prepack_actor.job.summary import SummaryAccumulator
+from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreResult, decide, score
-from prepack_actor.scoring_config import ScoreJobConfig
-from prepack_actor.scoring_rows import ScoreSummary, group_rows, output_row, to_table
+
+TASK = ScoreTask(ScoringConfig(mode="shared"))
+output_row, to_table = TASK.output_row, TASK.to_table
+
+
+def group_rows(rows, tok, max_context, max_group_tokens, max_group_prompts):
+    return make_groups([TASK.prepare_row(r, tok, max_context) for r in rows], max_group_tokens, max_group_prompts)
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = [json.loads(line) for line in (ROOT / "prepack_actor/data/sample_scoring.jsonl").read_text().splitlines()][:8]
@@ -66,9 +73,11 @@ def test_actor_scores_groups_and_passes_error_rows(tiny_model_dir, tmp_path):
     path = tiny_model_dir("llama")
     model, tok = load_model(path, dtype="float32", device="cpu")
     rows = parse_jsonl_shard(write_input(tmp_path / "in.jsonl").read_bytes(), "in.jsonl")
-    groups = group_rows(rows, tok, 2048, "shared", None, token_budget=600, max_rows=64)
+    groups = group_rows(rows, tok, 2048, max_group_tokens=600, max_group_prompts=64)
     assert len(groups["rows"]) >= 3  # the budget cuts the good rows into several groups
-    actor = ScoreActor(path, str(tmp_path), dtype="float32", device="cpu", mode="shared", token_budget=600)
+    actor = PrepackActor(ProcessorConfig(task="score", model=ModelConfig(
+        path=path, cache_dir=str(tmp_path), dtype="float32", device="cpu"),
+        packing=PackingConfig(max_group_tokens=600), scoring=ScoringConfig(mode="shared")))
     out = [r for blob in groups["rows"] for r in actor.run_group(unpack_group(blob))]
     check_rows(to_table(out).to_pylist(), model, tok)
 
@@ -83,9 +92,9 @@ def test_summary_accuracy_equals_rows_and_rigged_scores_give_100_percent():
                           pack_rows=1, pack_efficiency=0.9)
         rows.append(output_row({"id": str(len(rows)), "carry": None}, res))
     rows.append(output_row({"id": "bad", "error": "empty prompt", "error_kind": "empty_prompt"}))
-    acc = ScoreSummary()
+    acc = SummaryAccumulator(TASK.summary_columns)
     acc.add(to_table(rows).to_pydict())
-    s = acc.finish(rows_in=5, wall_s=2.0)
+    s = acc.finish(TASK, rows_in=5, wall_s=2.0)
     assert (s["accuracy"], s["accuracy_norm"], s["judged"], s["rows_error"]) == (1.0, 1.0, 4, 1)
     assert s["tokens_in"] == 40 and s["prefill_tokens_per_s"] == 20.0 and "tokens_out" not in s
 
@@ -110,7 +119,7 @@ def test_job_through_ray_data(tiny_model_dir, tmp_path, ray_local):
     out = tmp_path / "out"
     summary = job.main([f"model.path={path}", f"input.path={write_input(tmp_path / 'in.jsonl')}",
                         f"output.path={out}", "output.format=jsonl", "model.dtype=float32",
-                        "packing.token_budget=700"])  # ray_local: a private 2-CPU Ray
+                        "packing.max_group_tokens=700"])  # ray_local: a private 2-CPU Ray
     rows = [r for t in read_output(str(out), "jsonl") for r in t.to_pylist()]
     check_rows(rows, model, tok)
     judged = [r for r in rows if r["correct"] is not None]

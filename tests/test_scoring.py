@@ -8,11 +8,11 @@ from importlib import resources
 import pytest
 import torch
 
-from prepack_actor.loading import load_model
-from prepack_actor.score_items import check_item, encode_item
-from prepack_actor.score_pack import Unit, layout
-from prepack_actor.scoring import ItemError, ScoreConfig, Scorer, accuracy, decide, score
-from prepack_actor.tree_mask import dense_reference, tree_causal
+from prepack_actor.core.masks import dense_reference, packed_causal
+from prepack_actor.core.packing import branch_targets, pack
+from prepack_actor.inputs import ItemError, Unit, check_item, encode_item
+from prepack_actor.models import load_model
+from prepack_actor.scoring import ScoreConfig, Scorer, accuracy, decide, score
 
 ITEMS = [
     {"prompt": "The capital of France is", "choices": [" Paris", " London", " a city in Europe", " 42"],
@@ -82,19 +82,20 @@ def test_modes_agree_and_shared_lays_out_fewer_tokens(tiny_model_dir):
 
 def test_tree_mask_matches_dense_reference():
     units = [Unit([1, 2, 3], [[4, 5], [6], [7, 8, 9]]), Unit([10], [[11]]), Unit([12, 13], [[14]])]
-    batch = layout(units, capacity=12)
-    mask = tree_causal(batch.unit_ids, batch.branch_ids, batch.position_ids)
+    batch = pack([u.prefix for u in units], 12, 0, [u.branches for u in units])
+    mask = packed_causal(batch.segment_ids, batch.position_ids, batch.branch_ids)
     for r in range(batch.num_rows):
-        ref = dense_reference(batch.unit_ids[r].tolist(), batch.branch_ids[r].tolist(),
-                              batch.position_ids[r].tolist())
+        ref = dense_reference(batch.segment_ids[r].tolist(), batch.position_ids[r].tolist(),
+                              batch.branch_ids[r].tolist())
         assert torch.equal(mask[r, 0], ref)
         assert mask[r, 0].any(-1).all()  # no all-masked query row (pads see each other)
     # the first unit: branch 2 ([6]) sits at position 3 and sees the prompt and itself only
-    r, o = 0, int((batch.unit_ids[0] == 0).nonzero()[0])
+    r, o = 0, int((batch.segment_ids[0] == 0).nonzero()[0])
     assert batch.position_ids[r, o:o + 9].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 5]
     assert mask[r, 0, o + 5, o:o + 9].tolist() == [True] * 3 + [False, False, True] + [False] * 3
     # targets: first tokens of all three branches are read at the prompt's last column
-    first = [int(batch.target_col[t]) for t in (0, 2, 3)]
+    slots = branch_targets(batch)[0]
+    first = [int(slots[t]) % batch.width for t in (0, 2, 3)]
     assert first == [o + 2] * 3
 
 

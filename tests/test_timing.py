@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from prepack_actor import load_model
-from prepack_actor.baselines import random_batches
-from prepack_actor.packing import pack
-from prepack_actor.timing import METHODS, compare_prefill
+from prepack_actor.bench.baselines import random_batches
+from prepack_actor.core.packing import pack
+from prepack_actor.bench.timing import METHODS, compare_prefill
 
 
 def test_compare_prefill_counts_tokens_and_slots(tiny_model_dir):

@@ -8,9 +8,9 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from prepack_actor.masks import block_causal  # noqa: E402
-from prepack_actor.packing import pack  # noqa: E402
-from prepack_actor.viz import PAD_COLOR, draw_bars, draw_mask, draw_pack, mask_image, prompt_color  # noqa: E402
+from prepack_actor.core.masks import packed_causal  # noqa: E402
+from prepack_actor.core.packing import pack  # noqa: E402
+from prepack_actor.bench.viz import PAD_COLOR, draw_bars, draw_mask, draw_pack, mask_image, prompt_color  # noqa: E402
 
 PROMPTS = [[1] * 7, [2] * 3, [3] * 4, [4] * 2]  # FFD at width 7: [p0], [p2, p1], [p3]
 
@@ -18,8 +18,8 @@ PROMPTS = [[1] * 7, [2] * 3, [3] * 4, [4] * 2]  # FFD at width 7: [p0], [p2, p1]
 def test_mask_image_colours_exactly_the_allowed_cells():
     packed = pack(PROMPTS)
     for row in range(packed.num_rows):
-        img = mask_image(packed.segment_ids, row)
-        allowed = block_causal(packed.segment_ids[row:row + 1])[0, 0].numpy()
+        img = mask_image(packed, row)
+        allowed = packed_causal(packed.segment_ids[row:row + 1], packed.position_ids[row:row + 1])[0, 0].numpy()
         assert img.shape == (packed.width, packed.width, 3)
         assert np.all(img[~allowed] == 1.0)
         for q in range(packed.width):
@@ -37,7 +37,7 @@ def test_draw_pack_draws_each_prompt_at_its_row_and_offset():
     assert got == want
     assert sum(p.get_hatch() == "//" for p in ax.patches) == packed.num_rows  # pad background per row
     assert {t.get_text().split("\n")[0] for t in ax.texts} <= {"a", "b", "c", "d"}
-    assert draw_mask(packed.segment_ids, row=1).images
+    assert draw_mask(packed, row=1).images
 
 
 def test_draw_bars_labels_each_value():

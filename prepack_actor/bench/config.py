@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..job.config import ConfigError
 
 PREFILL_METHODS = ("full_batching", "length_ordered", "prepacking", "prepacking_best")
 GENERATE_METHODS = ("full_batching_generate", "hf_continuous_batching", "prepack_engine")

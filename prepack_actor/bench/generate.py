@@ -12,9 +12,9 @@ from typing import Callable
 
 from transformers import GenerationConfig
 
-from ..baselines import padded_generate
+from .baselines import padded_generate
 from ..engine import Engine, EngineConfig
-from ..sampling import SamplingParams
+from ..core.sampling import SamplingParams
 from .measure import Clock, PeakMemory
 from .methods import WARM_PROMPTS
 

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from .. import kv_cache, masks
-from ..baselines import padded_prefill
-from ..packing import pack
-from ..prefill import last_token_logits
+from ..core import kv_cache, masks
+from .baselines import padded_prefill
+from ..core.packing import pack
+from ..core.forward import last_token_logits
 from .measure import Clock, PeakMemory
 
 WARM_PROMPTS = 4  # a warm-up round runs the first batch's first few prompts only
@@ -69,7 +69,7 @@ def prefill_once(model, prompts: list[list[int]], pad_id: int, rule: Capacity | 
     if rule is not None:  # the mask is built inside the forward; time the same build alone
         clock = Clock(device)
         clock.mark()
-        m = masks.for_model(model, packed.segment_ids.to(device))
+        m = masks.for_model(model, packed)
         clock.mark()
         del m
         out["mask_s"] = clock.seconds()[0]

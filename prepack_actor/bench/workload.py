@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import length_ordered_batches
-from ..packing import ffd
+from .baselines import length_ordered_batches
+from ..core.packing import ffd
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -1,6 +1,10 @@
-"""Typed job configs and the one loader every job uses (no Ray import).
+"""Typed configs for the Ray Data stage and the jobs, and the one loader (no Ray import).
 
     cfg = load_config(GenerateConfig, sys.argv[1:], "conf/generate.yaml")
+
+A `ProcessorConfig` (task, model, packing, actors, and the task's own section) is what the
+composable stage takes (`job.stage.build_processor`); a job config is that plus input,
+output and storage. One name per knob, the same in Python, YAML and docs.
 
 `argv` is `[--config FILE] [key=value ...]`: the YAML file (default `default_yaml_path`)
 is merged over the dataclass schema, then the dotted overrides over that. omegaconf
@@ -8,15 +12,13 @@ checks every key and type; `__post_init__` checks ranges and choices. Any proble
 `ConfigError` with one line naming the key and what was expected; a job prints it and
 exits 2 before any work starts (`config_or_exit`).
 
-A sibling job defines its own schema dataclass (it may reuse ModelConfig, InputConfig,
-OutputConfig, StorageConfig, ActorsConfig below) and calls the same loader.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -31,6 +33,10 @@ class ConfigError(ValueError):
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _at_least(key: str, value, low) -> None:
@@ -108,24 +114,25 @@ class SamplingConfig:
 
 @dataclass
 class PackingConfig:
-    capacity: int = 0  # packed row width in tokens, >= 0; 0 = longest prompt of the group (paper)
-    token_budget: int = 4096  # prompt tokens per actor call (one prefill group), >= 1
-    max_rows: int = 64  # prompts per actor call, >= 1
+    pack_capacity: Optional[int] = None  # packed row width in tokens, >= 1; null = longest prompt of the group (paper)
+    max_group_tokens: int = 4096  # prompt tokens per group (one forward pass, one actor call), >= 1
+    max_group_prompts: int = 64  # prompts (generate) or items (score) per group, >= 1
     window: int = 1024  # rows sorted by length together before grouping (bounds memory), >= 1
     global_sort: bool = False  # true: sort the whole dataset by length first (a global shuffle)
-    memory_budget_gb: float = 0.0  # > 0: derive token_budget from this per-actor budget (docs/failure.md); 0 = off
+    memory_budget_gb: float = 0.0  # > 0: derive max_group_tokens from this per-actor budget (docs/failure.md); 0 = off
 
     def __post_init__(self):
+        if self.pack_capacity is not None:
+            _at_least("packing.pack_capacity", self.pack_capacity, 1)
         _at_least("packing.memory_budget_gb", self.memory_budget_gb, 0)
-        _at_least("packing.capacity", self.capacity, 0)
-        _at_least("packing.token_budget", self.token_budget, 1)
-        _at_least("packing.max_rows", self.max_rows, 1)
+        _at_least("packing.max_group_tokens", self.max_group_tokens, 1)
+        _at_least("packing.max_group_prompts", self.max_group_prompts, 1)
         _at_least("packing.window", self.window, 1)
 
 
 @dataclass
 class ActorsConfig:
-    num_actors: int = 1  # model replicas (actors) in the pool, >= 1
+    concurrency: Any = 1  # actors in the pool: N (>= 1) or [MIN, MAX] to autoscale between them
     gpus_per_actor: float = 0.0  # GPUs per actor, >= 0; 0 = CPU actors
     cpus_per_actor: float = 1.0  # CPUs reserved per actor, > 0
     torch_threads: int = 0  # torch intra-op threads per actor, >= 0; 0 = Ray's default (= CPUs)
@@ -134,7 +141,14 @@ class ActorsConfig:
     max_task_retries: int = 4  # times a group is retried after its actor died, >= -1 (-1 = forever)
 
     def __post_init__(self):
-        _at_least("actors.num_actors", self.num_actors, 1)
+        c = self.concurrency
+        if isinstance(c, (list, tuple)) or hasattr(c, "__len__"):
+            c = list(c)
+            if not (len(c) == 2 and all(_is_int(x) for x in c) and 1 <= c[0] <= c[1]):
+                raise ConfigError(f"actors.concurrency: expected N >= 1 or [MIN, MAX] with 1 <= MIN <= MAX, got {c!r}")
+            self.concurrency = (c[0], c[1])
+        elif not _is_int(c) or c < 1:
+            raise ConfigError(f"actors.concurrency: expected N >= 1 or [MIN, MAX] with 1 <= MIN <= MAX, got {c!r}")
         _at_least("actors.gpus_per_actor", self.gpus_per_actor, 0)
         if self.cpus_per_actor <= 0:
             raise ConfigError(f"actors.cpus_per_actor: expected a number > 0, got {self.cpus_per_actor!r}")
@@ -154,6 +168,39 @@ class PromptsConfig:
         _at_least("prompts.max_prompt_tokens", self.max_prompt_tokens, 0)
 
 
+MODES = ("shared", "simple")  # scoring layouts (prepack_actor.scoring)
+NORMS = ("chars", "tokens")
+
+
+@dataclass
+class ScoringConfig:
+    mode: str = "shared"  # shared (prompt once, choices as tree branches) | simple (pair per segment)
+    length_norm: str = "chars"  # pred_norm divides by choice chars (lm-eval acc_norm) | tokens
+
+    def __post_init__(self):
+        _choice("scoring.mode", self.mode, MODES)
+        _choice("scoring.length_norm", self.length_norm, NORMS)
+
+
+TASKS = ("generate", "score")
+
+
+@dataclass
+class ProcessorConfig:
+    """What the Ray Data stage needs: the task, the model, grouping, actors, task options."""
+
+    task: str = "generate"  # generate | score
+    model: ModelConfig = field(default_factory=ModelConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # generate only
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # generate only
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)  # score only
+
+    def __post_init__(self):
+        _choice("task", self.task, TASKS)
+
+
 @dataclass
 class GenerateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,6 +211,24 @@ class GenerateConfig:
     packing: PackingConfig = field(default_factory=PackingConfig)
     actors: ActorsConfig = field(default_factory=ActorsConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+
+    def processor(self) -> ProcessorConfig:
+        return ProcessorConfig("generate", self.model, self.packing, self.actors, sampling=self.sampling,
+                               prompts=self.prompts)
+
+
+@dataclass
+class ScoreJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(path="outputs/score"))
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    packing: PackingConfig = field(default_factory=lambda: PackingConfig(max_group_prompts=256))
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+
+    def processor(self) -> ProcessorConfig:
+        return ProcessorConfig("score", self.model, self.packing, self.actors, scoring=self.scoring)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:

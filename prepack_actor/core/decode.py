@@ -1,5 +1,7 @@
 """The decode loop: continue every prompt of a group from its left-padded cache.
 
+Text never enters here: `stopped(p, tokens)` is the caller's test for EOS and stop strings.
+
 Plain functions in the gpt-fast manner. Prompts leave the batch as they finish, and the
 left pad shared by all remaining prompts is cropped, so finished work costs nothing.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -22,31 +25,15 @@ class Decoded:
     finished_at: float  # perf_counter() when the prompt finished
 
 
-class StopChecker:
-    """EOS ids and stop strings; decodes text only for prompts that have stop strings."""
-
-    def __init__(self, tokenizer, eos_ids: set[int]):
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
-
-    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None]:
-        if not params.ignore_eos and tokens[-1] in self.eos_ids:
-            return True, None
-        if params.stop:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            hits = [text.find(s) for s in params.stop if s in text]
-            if hits:
-                return True, min(hits)
-        return False, None
-
-
 @torch.inference_mode()
 def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
            first: torch.Tensor, sampler: Sampler, params: list[SamplingParams],
-           stops: StopChecker, sync=lambda: None) -> list[Decoded]:
+           stopped: Callable[[int, list[int]], tuple[bool, int | None]], sync=lambda: None) -> list[Decoded]:
     """Generate from a batched cache.
 
     attention_mask: [P, Lmax] (0 = left pad), lengths: [P] prompt lengths,
-    first: [P] the token sampled from the prefill logits.
+    first: [P] the token sampled from the prefill logits. stopped(p, tokens) -> (stopped,
+    char offset of a stop string or None) for prompt p after each new token.
     """
     device = attention_mask.device
     n = len(params)
@@ -60,9 +47,9 @@ def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
         now = time.perf_counter()
         keep = []
         for b, p in enumerate(active.tolist()):
-            stopped, stop_at = stops.check(out[p], params[p])
-            if stopped or len(out[p]) >= params[p].max_new_tokens:
-                done[p] = Decoded(out[p], "stop" if stopped else "length", stop_at, now)
+            stop, stop_at = stopped(p, out[p])
+            if stop or len(out[p]) >= params[p].max_new_tokens:
+                done[p] = Decoded(out[p], "stop" if stop else "length", stop_at, now)
             else:
                 keep.append(b)
         if not keep:

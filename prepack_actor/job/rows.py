@@ -1,14 +1,16 @@
-"""Input rows: parse shards, validate, render and tokenize prompts (pure, no Ray import).
+"""Rows between stages: parse records, error rows, Arrow schemas, groups (no Ray import).
 
-A row is a plain dict. After `parse_jsonl_shard` / `parse_parquet_shard` every row has
+A row is a plain dict. After `parse_record` (a user's Dataset row) or `parse_jsonl_shard` /
+`parse_parquet_shard` (the jobs' shards) every row has
     id: str            as given (non-string ids become their JSON text), else "<shard>:<line>"
     prompt: str|None   the input `prompt` when it is a string
     messages: list|None  the input chat `messages`
     max_new_tokens, seed: int|None   per-row overrides
     error: str|None, error_kind: str|None   set when the row cannot be run (ERROR_KINDS)
     carry: bytes       pickle of every other input column, restored unchanged at the end
-`tokenize_rows` then adds input_ids, num_input_tokens, num_truncated_tokens and resolves
-max_new_tokens / seed. A bad row is never dropped and never raises: it gets `error`.
+The task's prepare stage then adds num_input_tokens and `payload` (its pickled prepared
+input: token ids, or an encoded scoring item), and `make_groups` cuts rows into groups that
+travel as one record each. A bad row is never dropped and never raises: it gets `error`.
 """
 from __future__ import annotations
 
@@ -16,11 +18,16 @@ import hashlib
 import io
 import json
 import pickle
-from typing import Any, Iterable
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from ..core.grouping import group_by_length
 
 ERROR_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_prompt", "bad_prompt",
-               "empty_prompt", "bad_messages", "bad_field", "prompt_too_long", "engine_error",
-               "bad_shard")
+               "empty_prompt", "bad_messages", "bad_field", "prompt_too_long", "bad_shard",  # any task
+               "bad_item", "bad_choices", "bad_answer", "too_long",  # scoring items
+               "engine_error", "out_of_memory")  # the model failed on this row
 RESERVED = ("id", "prompt", "messages", "max_new_tokens", "seed")
 
 
@@ -110,69 +117,61 @@ def derived_seed(base: int, row_id: str) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def render(row: dict, tokenizer) -> str:
-    """The text to run: `prompt`, or `messages` through the tokenizer's chat template."""
-    if row["prompt"] is not None:
-        return row["prompt"]
-    return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+def parse_record(obj: Any) -> dict:
+    """A row of a user's Dataset -> a row; without an `id` it gets one from its content."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return validate_record(obj, "row-" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest(), "row")
 
 
-def tokenize_rows(rows: Iterable[dict], tokenizer, max_context: int | None, max_new_tokens: int,
-                  base_seed: int, over_long: str = "error", max_prompt_tokens: int = 0) -> list[dict]:
-    """Add input_ids, num_input_tokens, num_truncated_tokens; resolve max_new_tokens and seed.
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.binary()),  # pickled list | null
+    ("max_new_tokens", pa.int64()), ("seed", pa.int64()), ("error", pa.string()),
+    ("error_kind", pa.string()), ("carry", pa.binary())])  # pickled dict of carried columns
+PREPARED_SCHEMA = pa.schema(list(ROW_SCHEMA) + [
+    ("num_input_tokens", pa.int64()), ("payload", pa.binary())])  # pickled task input | null
+GROUP_SCHEMA = pa.schema([("rows", pa.binary()), ("num_rows", pa.int64()), ("num_tokens", pa.int64())])
 
-    A prompt longer than max_prompt_tokens (0 = context - the row's max_new_tokens) becomes
-    a prompt_too_long error row, or with over_long="truncate" keeps its last tokens.
+
+def rows_to_table(rows: list[dict], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
+    cols = {}
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        if f.name in ("messages", "payload"):
+            values = [pickle.dumps(v) if v is not None else None for v in values]
+        cols[f.name] = pa.array(values, type=f.type)
+    return pa.table(cols, schema=schema)
+
+
+def table_to_rows(table: pa.Table) -> list[dict]:
+    rows = table.to_pylist()
+    for r in rows:
+        for k in ("messages", "payload"):
+            if r.get(k) is not None:
+                r[k] = pickle.loads(r[k])
+    return rows
+
+
+def make_groups(rows: Sequence[dict], max_group_tokens: int, max_group_prompts: int,
+                sort: bool = True) -> dict[str, list]:
+    """One window of rows -> columns with one record per group: rows (pickled), num_rows, num_tokens.
+
+    Groups come from core.grouping.group_by_length over num_input_tokens. Error rows go in
+    a group of their own, so actor calls that hit the model hold only runnable rows.
     """
-    assert over_long in ("error", "truncate"), over_long
-    out = []
-    for row in rows:
-        row = dict(row, input_ids=[], num_input_tokens=0, num_truncated_tokens=0)
-        row["max_new_tokens"] = row["max_new_tokens"] or max_new_tokens
-        row["seed"] = row["seed"] if row["seed"] is not None else derived_seed(base_seed, row["id"])
-        if row["error"] is None:
-            try:
-                ids = list(tokenizer(render(row, tokenizer))["input_ids"])
-            except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects the roles
-                out.append(_fail(row, "bad_messages" if row["messages"] else "bad_prompt", f"cannot render: {e}"))
-                continue
-            limit = max_prompt_tokens or (max_context - row["max_new_tokens"] if max_context else 0)
-            if not ids:
-                _fail(row, "empty_prompt", "empty prompt (no tokens)")
-            elif limit and len(ids) > limit:
-                if over_long == "truncate" and limit > 0:
-                    row["num_truncated_tokens"] = len(ids) - limit
-                    ids = ids[-limit:]
-                else:
-                    _fail(row, "prompt_too_long", f"{len(ids)} prompt tokens exceed the limit of "
-                                                  f"{max(limit, 0)} (context {max_context}, "
-                                                  f"max_new_tokens {row['max_new_tokens']})")
-            if row["error"] is None:
-                row.update(input_ids=ids, num_input_tokens=len(ids))
-        out.append(row)
-    return out
+    good = [r for r in rows if r.get("error") is None]
+    bad = [r for r in rows if r.get("error") is not None]
+    groups = [[good[i] for i in g] for g in group_by_length(
+        [r["num_input_tokens"] for r in good], max_group_tokens, max_group_prompts, sort)]
+    groups += [bad] if bad else []
+    return {"rows": [pickle.dumps(g) for g in groups],
+            "num_rows": [len(g) for g in groups],
+            "num_tokens": [sum(r["num_input_tokens"] for r in g) for g in groups]}
 
 
-OUTPUT_FIELDS = ("id", "generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens",
-                 "prefill_s", "ttft_s", "decode_s", "pack_rows", "pack_efficiency", "error", "error_kind")
+def unpack_group(blob: bytes) -> list[dict]:
+    return pickle.loads(blob)
 
 
-def output_row(row: dict, result=None, error: tuple[str, str] | None = None) -> dict:
-    """The written row: carried input columns, `prompt`, then the generation fields.
-
-    `result` is a GenerationResult (None for an error row). Output fields win over an input
-    column of the same name.
-    """
-    out = pickle.loads(row["carry"]) if row.get("carry") else {}
-    out["prompt"] = row.get("prompt")
-    kind, message = error if error else (row.get("error_kind"), row.get("error"))
-    r = result if kind is None else None
-    out.update(
-        id=row["id"], generated_text=r.text if r else None, finish_reason=r.finish_reason if r else None,
-        num_input_tokens=row.get("num_input_tokens", 0),
-        num_truncated_tokens=row.get("num_truncated_tokens", 0),
-        num_generated_tokens=r.num_generated_tokens if r else 0,
-        prefill_s=r.prefill_s if r else None, ttft_s=r.ttft_s if r else None,
-        decode_s=r.decode_s if r else None, pack_rows=r.pack_rows if r else None,
-        pack_efficiency=r.pack_efficiency if r else None, error=message, error_kind=kind)
-    return out
+def carried(row: dict) -> dict:
+    """The row's carried input columns (every input column the task does not consume)."""
+    return pickle.loads(row["carry"]) if row.get("carry") else {}

@@ -3,11 +3,12 @@ import pickle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prepack_actor.repartition import group_by_length, pack_groups
+from prepack_actor.core.grouping import group_by_length
+from prepack_actor.job.rows import make_groups
 
 
 def test_example_from_docstring():
-    assert group_by_length([5, 900, 7, 880], token_budget=1000, max_rows=64) == [[1], [3, 2, 0]]
+    assert group_by_length([5, 900, 7, 880], max_group_tokens=1000, max_group_prompts=64) == [[1], [3, 2, 0]]
 
 
 @settings(max_examples=200, deadline=None)
@@ -26,7 +27,7 @@ def test_groups_partition_rows_under_budgets(lengths, budget, max_rows):
 def test_pack_groups_isolates_error_rows():
     rows = [{"id": str(i), "error": None if i % 3 else "bad", "num_input_tokens": 0 if i % 3 == 0 else 10 * i}
             for i in range(10)]
-    packed = pack_groups(rows, token_budget=100, max_rows=3)
+    packed = make_groups(rows, max_group_tokens=100, max_group_prompts=3)
     groups = [pickle.loads(b) for b in packed["rows"]]
     assert sorted(r["id"] for g in groups for r in g) == sorted(r["id"] for r in rows)
     assert all(len({r["error"] is None for r in g}) == 1 for g in groups)

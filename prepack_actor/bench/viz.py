@@ -1,7 +1,7 @@
 """Pictures for notebooks (matplotlib): a packed batch, its attention mask, a bar chart.
 
     draw_pack(packed)                    # which prompt fills which part of which row; pad slots grey
-    draw_mask(packed.segment_ids, row=0)  # the block-diagonal causal mask of one row, as an image
+    draw_mask(packed, row=0)  # the block-diagonal causal mask of one row, as an image
     draw_bars({"full batching": 0.12, "prepacking": 0.05}, ylabel="prefill time (s)")
 
 Each takes an optional `ax` and returns the Axes it drew on. Prompt i has the same colour
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
+
 from matplotlib.patches import Patch, Rectangle
 
-from .masks import block_causal
-from .packing import PackedBatch
+from ..core.masks import packed_causal
+from ..core.packing import PackedBatch
 
 PAD_COLOR = (0.85, 0.85, 0.85)
 
@@ -59,20 +59,20 @@ def draw_pack(packed: PackedBatch, labels: list[str] | None = None, ax=None):
     return ax
 
 
-def mask_image(segment_ids: torch.Tensor, row: int = 0) -> np.ndarray:
+def mask_image(packed: PackedBatch, row: int = 0) -> np.ndarray:
     """[W, W, 3] RGB image of row `row`'s mask: prompt colour where query may attend key,
     grey for pad-to-pad, white where masked."""
-    seg = segment_ids[row : row + 1]  # [1, W]
-    allowed = block_causal(seg)[0, 0].numpy()  # [W, W]
+    seg = packed.segment_ids[row : row + 1]  # [1, W]
+    allowed = packed_causal(seg, packed.position_ids[row : row + 1], packed.branch_ids[row : row + 1])[0, 0].numpy()
     owner = seg[0].numpy()  # [W] prompt per query slot, -1 pad
     colors = np.array([PAD_COLOR if s < 0 else prompt_color(int(s)) for s in owner])  # [W, 3]
     return np.where(allowed[:, :, None], colors[:, None, :], 1.0)
 
 
-def draw_mask(segment_ids: torch.Tensor, row: int = 0, ax=None):
+def draw_mask(packed: PackedBatch, row: int = 0, ax=None):
     """The block-diagonal causal mask of one packed row (query down, key across)."""
     ax = _axes(ax, (5, 5))
-    ax.imshow(mask_image(segment_ids, row), interpolation="nearest")
+    ax.imshow(mask_image(packed, row), interpolation="nearest")
     ax.set_xlabel("key slot")
     ax.set_ylabel("query slot")
     ax.set_title(f"row {row}: who may attend to whom")

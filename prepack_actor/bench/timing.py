@@ -15,9 +15,9 @@ import statistics
 from dataclasses import dataclass
 
 from .baselines import random_batches
-from .bench.measure import interleaved
-from .bench.methods import capacity, capacity_rule, prefill_runner
-from .packing import pack
+from .measure import interleaved
+from .methods import capacity, capacity_rule, prefill_runner
+from ..core.packing import pack
 
 METHODS = {"full batching": "full_batching", "prepacking": "prepacking"}  # label -> bench method
 

@@ -1,0 +1,66 @@
+"""The Ray Data actor for every task: a thin shell over the library (one model load per actor).
+
+    ds.map_batches(PrepackActor, batch_size=1, batch_format="pyarrow",
+                   fn_constructor_kwargs=dict(config=processor_config, faults=None),
+                   compute=ray.data.ActorPoolStrategy(...), num_gpus=g, num_cpus=c)
+
+Input: group records (rows.GROUP_SCHEMA), one token-bounded group each. Output: one row per
+input row (task.output_row). Error rows pass through without touching the model. A group
+the model fails on is halved and retried (oom.run_splitting) until the failure is one
+row's: out of memory -> an `out_of_memory` row, any other exception -> an `engine_error`
+row; the other rows of the group are unaffected. `faults` is the test-only fault plan
+(faults.FaultPlan.to_dict()), None in normal runs.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from ..models import load_model, resolve_model_path
+from .config import ProcessorConfig
+from .faults import FaultPlan
+from .oom import is_oom, run_splitting
+from .rows import unpack_group
+from .task import make_task
+
+
+def actor_device(device: str, gpus_per_actor: float) -> str:
+    """"auto" on a CPU actor means cpu, even on a node with GPUs it did not reserve."""
+    return "cpu" if device == "auto" and not gpus_per_actor else device
+
+
+class PrepackActor:
+    def __init__(self, config: ProcessorConfig, faults: dict | None = None):
+        if config.actors.torch_threads:
+            torch.set_num_threads(config.actors.torch_threads)
+        m = config.model
+        path = resolve_model_path(m.path, m.cache_dir)
+        model, tokenizer = load_model(path, m.dtype, actor_device(m.device, config.actors.gpus_per_actor),
+                                      m.attn_implementation)
+        self.task = make_task(config)
+        self.runner = self.task.runner(model, tokenizer, config.packing)
+        self.faults = FaultPlan(**faults) if faults else FaultPlan()
+        self.groups_done = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for blob in batch.column("rows").to_pylist():
+            self.faults.before_group(self.groups_done)
+            out.extend(self.run_group(unpack_group(blob)))
+            self.groups_done += 1
+        return self.task.to_table(out)
+
+    def run_group(self, rows: list[dict]) -> list[dict]:
+        """Run the runnable rows of one group; error rows pass through."""
+        good = [r for r in rows if r["error"] is None]
+        out = [self.task.output_row(r) for r in rows if r["error"] is not None]
+        results = run_splitting(lambda part: self.task.run(self.runner, part), good,
+                                lambda part: sum(r["num_input_tokens"] for r in part), self.faults.before_prefill)
+        for r, res in zip(good, results):
+            if isinstance(res, BaseException):
+                kind = "out_of_memory" if is_oom(res) else "engine_error"
+                reason = "does not fit alone" if kind == "out_of_memory" else "the model failed on this row"
+                out.append(self.task.output_row(r, error=(kind, f"{reason}: {type(res).__name__}: {res}")))
+            else:
+                out.append(self.task.output_row(r, res))
+        return out

@@ -1,0 +1,87 @@
+"""The one job pipeline, for every task: preflight, read, the stage, write, summary.
+
+    summary = run(cfg)        # cfg: GenerateConfig | ScoreJobConfig (see conf/*.yaml)
+    main(cfg)                 # the same for a job's __main__: one-line errors, exit 1
+
+Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume; dead
+actors are restarted and their groups redone; every group is one atomic file named by
+its ids, so each row is written exactly once; summary.json is written last, on success.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from importlib import resources
+
+import ray
+
+from .config import to_dict
+from .faults import FaultPlan
+from .output import prepare_output, skip_done, write_rows
+from .read import JobError, list_shards, read_rows, start_ray
+from .stage import Processor
+from .storage import SUMMARY_NAME, read_output, write_json
+from .summary import SummaryAccumulator, format_table
+from .task import make_task
+
+
+def run(cfg) -> dict:
+    pcfg = cfg.processor()
+    # 1. Preflight, before Ray starts: input listed, model readable, output mode applied.
+    input_path = cfg.input.path or str(resources.files("prepack_actor") / "data" / make_task(pcfg).sample)
+    fs, shards = list_shards(input_path, cfg.input.format, cfg.storage)
+    try:
+        processor = Processor(pcfg, faults=FaultPlan.from_env())  # test-only faults (PREPACK_FAULT_*), off by default
+    except Exception as e:  # noqa: BLE001 - e.g. a missing or broken checkpoint
+        raise JobError(_model_error(cfg, e)) from None
+    task = processor.task
+    job_info = {k: v for k, v in to_dict(cfg).items() if k in task.job_keys}
+    job_info["output_format"] = cfg.output.format  # resume refuses outputs of other settings
+    state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format, job_info)
+    if state.complete is not None:
+        print(f"output.path {cfg.output.path!r} is already complete ({state.complete.get('rows_out')} rows, "
+              f"{SUMMARY_NAME} present): nothing to do")
+        return state.complete
+    if state.done_ids:
+        print(f"resuming: {len(state.done_ids)} rows already written under {cfg.output.path!r}")
+    t0 = time.perf_counter()
+    start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray
+
+    # 2. Read: one task per shard, every line or record becomes a row (bad ones carry `error`).
+    ds, counter = read_rows(fs, shards)
+    ds = skip_done(ds, state.done_ids)  # resume: rows already in finished files are not redone
+
+    # 3. The stage: prepare (tokenize) -> length-aware groups -> actor pool (stage.py).
+    ds = processor.run_parsed(ds)
+
+    # 4. Write (streams through the whole pipeline): one atomic file per group, named by its ids.
+    write_rows(ds, cfg.output.path, cfg.output.format, cfg.storage)
+    wall_s = time.perf_counter() - t0
+
+    # 5. Summary: read back only the small columns of what was written.
+    acc = SummaryAccumulator(task.summary_columns)
+    for table in read_output(cfg.output.path, cfg.output.format, cfg.storage, acc.columns()):
+        acc.add(table.to_pydict())
+    rows_in = sum(ray.get(counter.get.remote()).values())
+    summary = acc.finish(task, rows_in=rows_in, wall_s=wall_s, model=cfg.model.path,
+                         model_path=processor.model_path, input=input_path, output=cfg.output.path,
+                         num_shards=len(shards), rows_reused=len(state.done_ids), config=to_dict(cfg))
+    print(format_table(summary, task.headline))
+    if summary["rows_out"] != rows_in:  # no summary.json: the output is not a finished job
+        raise JobError(f"rows out ({summary['rows_out']}) != rows in ({rows_in})")
+    write_json(summary, f"{cfg.output.path.rstrip('/')}/{SUMMARY_NAME}", cfg.storage)  # last, atomic
+    return summary
+
+
+def main(cfg) -> dict:
+    """run(cfg) for a job script: a JobError is one line on stderr and exit status 1."""
+    try:
+        return run(cfg)
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _model_error(cfg, e: BaseException) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"model.path {cfg.model.path!r}: cannot load: {type(e).__name__}: {first}"

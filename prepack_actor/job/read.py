@@ -1,0 +1,133 @@
+"""Reading shards into a row Dataset through fsspec (local paths, s3://, ...), and Ray start-up.
+
+    fs, shards = list_shards("s3://bucket/prompts/", "auto", storage)   # fails fast (JobError)
+    ds, counter = read_rows(fs, shards)         # Dataset in rows.ROW_SCHEMA; bad lines -> error rows
+    start_ray(actors)                           # joins the cluster, else a local Ray; checks the pool fits
+
+JSONL shards are read as bytes (`ray.data.read_binary_files`) and parsed line by line,
+because `read_json` fails the whole job on one malformed line. S3 credentials and
+endpoint come from the standard AWS env vars or StorageConfig.
+"""
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+import pyarrow as pa
+import ray
+
+from .config import ActorsConfig, StorageConfig
+from .rows import parse_jsonl_shard, parse_parquet_shard, rows_to_table
+from .storage import EXTENSIONS, SUMMARY_NAME, arrow_fs, filesystem
+
+
+class JobError(ValueError):
+    """A job that cannot start (input, output, model, cluster); the message is one line for the user."""
+
+
+def _format_of(name: str) -> str | None:
+    for fmt, exts in EXTENSIONS.items():
+        if name.endswith(exts):
+            return fmt
+    return None
+
+
+def list_shards(path: str, fmt: str = "auto", storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]:
+    """Every data file under a file, directory or glob -> (fs, [(path, format)]), sorted."""
+    try:
+        fs, root = filesystem(path, storage)
+        if any(c in root for c in "*?["):
+            files = [p for p in fs.glob(root) if fs.isfile(p)]
+        elif fs.isfile(root):
+            files = [root]
+        elif fs.isdir(root):
+            files = [p for p in fs.find(root) if not posixpath.basename(p).startswith(("_", "."))
+                     and posixpath.basename(p) != SUMMARY_NAME]
+        else:
+            raise JobError(f"input.path {path!r}: no such file or directory")
+    except JobError:
+        raise
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line
+        raise JobError(f"input.path {path!r}: cannot list: {type(e).__name__}: {e}") from None
+    shards = []
+    for f in sorted(files):
+        shard_fmt = fmt if fmt != "auto" else _format_of(f)
+        if shard_fmt is not None and (fmt == "auto" or len(files) == 1 or _format_of(f) in (fmt, None)):
+            shards.append((f, shard_fmt))
+    if not shards:
+        raise JobError(f"input.path {path!r}: no {'jsonl or parquet' if fmt == 'auto' else fmt} files found")
+    if all(fs.size(f) == 0 for f, _ in shards):
+        raise JobError(f"input.path {path!r}: input is empty")
+    return fs, shards
+
+
+def shard_names(shards: list[tuple[str, str]]) -> dict[str, str]:
+    """Shard path -> short name for derived ids and messages (path relative to the common root)."""
+    paths = [p for p, _ in shards]
+    common = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths)
+    return {p: posixpath.relpath(p, common) if common else p for p in paths}
+
+
+@ray.remote(num_cpus=0)
+class RowCounter:
+    """Rows parsed per shard (rows_in for the summary, without a second read)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, shard: str, n: int) -> None:
+        self.counts[shard] = self.counts.get(shard, 0) + n
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def _parse_stage(batch: pa.Table, names: dict[str, str], formats: dict[str, str], counter) -> pa.Table:
+    rows = []
+    for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+        name = names.get(path, path)
+        parse = parse_parquet_shard if formats.get(path) == "parquet" else parse_jsonl_shard
+        parsed = parse(data, name)
+        if counter is not None:
+            counter.add.remote(name, len(parsed))
+        rows.extend(parsed)
+    return rows_to_table(rows)
+
+
+def read_rows(fs: fsspec.AbstractFileSystem, shards: list[tuple[str, str]], count: bool = True):
+    """(Dataset of parsed rows in ROW_SCHEMA, RowCounter handle or None). One task per shard."""
+    names = shard_names(shards)
+    counter = RowCounter.remote() if count else None
+    ds = ray.data.read_binary_files([p for p, _ in shards], filesystem=arrow_fs(fs), include_paths=True,
+                                    override_num_blocks=len(shards))
+    ds = ds.map_batches(_parse_stage, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs=dict(names=names, formats=dict(shards), counter=counter))
+    return ds, counter
+
+
+def start_ray(actors: ActorsConfig) -> None:
+    """Join the cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray, then
+    check that the actor pool fits it (raises JobError)."""
+    if not ray.is_initialized():
+        ray.init()
+    size = actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[0]
+    check_actor_fit(size, actors.cpus_per_actor, actors.gpus_per_actor)
+
+
+def check_actor_fit(num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Refuse an actor pool that would starve Ray Data's own tasks (the job would hang).
+
+    CPU actors that reserve every CPU of the cluster leave none for the read, tokenize and
+    write tasks, and Ray Data waits for them forever. GPU pools larger than the cluster may
+    still be satisfied by an autoscaler, so they only warn.
+    """
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if num_actors * cpus_per_actor >= cpus:
+        raise JobError(
+            f"actors.concurrency={num_actors} x actors.cpus_per_actor={cpus_per_actor:g} reserve all "
+            f"{cpus:g} CPUs of the cluster; the read and tokenize tasks need at least one free CPU. "
+            f"Lower actors.concurrency or actors.cpus_per_actor (fractions such as 0.5 are allowed)")
+    if gpus_per_actor and num_actors * gpus_per_actor > gpus:
+        print(f"warning: actors.concurrency={num_actors} x actors.gpus_per_actor={gpus_per_actor:g} "
+              f"need more than the {gpus:g} GPUs the cluster has now; waiting for more to join")

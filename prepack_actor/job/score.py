@@ -1,0 +1,78 @@
+"""The scoring task: {prompt, choices, answer?} in, log-likelihoods and decisions out (no Ray)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..inputs import BadInput
+from ..scoring import ScoreConfig, Scorer, ScoreResult, prepare
+from .config import PackingConfig, ScoringConfig
+from .rows import carried
+from .task import Task
+
+
+class ScoreTask(Task):
+    name = "score"
+    output_schema = pa.schema([
+        ("id", pa.string()), ("prompt", pa.string()), ("choices", pa.list_(pa.string())),
+        ("answer", pa.int64()), ("choice_logprobs", pa.list_(pa.float64())),
+        ("choice_num_tokens", pa.list_(pa.int64())), ("choice_is_greedy", pa.list_(pa.bool_())),
+        ("pred", pa.int64()), ("pred_norm", pa.int64()), ("correct", pa.bool_()), ("correct_norm", pa.bool_()),
+        ("num_input_tokens", pa.int64()), ("shared", pa.bool_()), ("prefill_s", pa.float64()),
+        ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()),
+        ("error", pa.string()), ("error_kind", pa.string())])
+    summary_columns = ("correct", "correct_norm", "prefill_s")
+    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_ok", "rows_error", "errors_by_kind",
+                "judged", "accuracy", "accuracy_norm", "tokens_in", "wall_s", "tokens_per_s",
+                "prefill_tokens_per_s", "mean_pack_efficiency")
+    job_keys = ("model", "input", "scoring")
+    sample = "sample_scoring.jsonl"
+
+    def __init__(self, scoring: ScoringConfig, pack_capacity: int | None = None):
+        self.scoring, self.pack_capacity = scoring, pack_capacity  # a pair wider than a row is an error row
+
+    def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
+        """Validate choices/answer and tokenize with lm-eval's rule (inputs.encode_item)."""
+        if row["prompt"] is None:
+            raise BadInput("bad_prompt", "scoring needs a 'prompt' string (chat 'messages' are not scored)")
+        carry = carried(row)
+        raw = {"prompt": row["prompt"], "choices": carry.get("choices"), "answer": carry.get("answer")}
+        item, enc = prepare(tokenizer, raw, max_context, self.pack_capacity)
+        return {"num_input_tokens": sum(u.num_tokens for u in enc.units(self.scoring.mode == "shared")),
+                "payload": (item, enc)}
+
+    def runner(self, model, tokenizer, packing: PackingConfig) -> Scorer:
+        return Scorer(model, tokenizer, ScoreConfig(
+            mode=self.scoring.mode, pack_capacity=packing.pack_capacity, max_group_tokens=packing.max_group_tokens,
+            max_group_prompts=packing.max_group_prompts, length_norm=self.scoring.length_norm))
+
+    def run(self, scorer: Scorer, rows: list[dict]) -> list[ScoreResult]:
+        return scorer.score_group([r["payload"] for r in rows])
+
+    def output_row(self, row: dict, result: ScoreResult | None = None,
+                   error: tuple[str, str] | None = None) -> dict:
+        out = carried(row)
+        choices, answer = out.pop("choices", None), out.pop("answer", None)
+        kind, message = error if error else (row.get("error_kind"), row.get("error"))
+        r = result if kind is None else None
+        ok_choices = isinstance(choices, list) and all(isinstance(c, str) for c in choices)
+        ok_answer = isinstance(answer, int) and not isinstance(answer, bool)
+        out.update(
+            id=row["id"], prompt=row.get("prompt"), choices=choices if ok_choices else None,
+            answer=answer if ok_answer else None,
+            choice_logprobs=r.choice_logprobs if r else None, choice_num_tokens=r.choice_num_tokens if r else None,
+            choice_is_greedy=r.choice_is_greedy if r else None, pred=r.pred if r else None,
+            pred_norm=r.pred_norm if r else None, correct=r.correct if r else None,
+            correct_norm=r.correct_norm if r else None, num_input_tokens=r.num_tokens if r else 0,
+            shared=r.shared if r else None, prefill_s=r.prefill_s if r else None,
+            pack_rows=r.pack_rows if r else None, pack_efficiency=r.pack_efficiency if r else None,
+            error=message, error_kind=kind)
+        return out
+
+    def summary_extra(self, totals: dict, counts: dict, tokens_in: int, wall_s: float) -> dict:
+        n, prefill_s = counts.get("correct", 0), totals.get("prefill_s", 0.0)
+        return {"judged": n,
+                "accuracy": round(totals["correct"] / n, 6) if n else None,
+                "accuracy_norm": round(totals["correct_norm"] / n, 6) if n else None,
+                "prefill_s": round(prefill_s, 4),
+                "tokens_per_s": round(tokens_in / wall_s, 2) if wall_s > 0 else None,
+                "prefill_tokens_per_s": round(tokens_in / prefill_s, 2) if prefill_s > 0 else None}

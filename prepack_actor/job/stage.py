@@ -1,0 +1,122 @@
+"""The composable Ray Data stage, in the conventions of `ray.data.llm`.
+
+    from prepack_actor.job import ActorsConfig, ModelConfig, ProcessorConfig, SamplingConfig, build_processor
+
+    processor = build_processor(
+        ProcessorConfig(task="generate", model=ModelConfig(path="Qwen/Qwen2.5-0.5B-Instruct"),
+                        sampling=SamplingConfig(max_new_tokens=64), actors=ActorsConfig(concurrency=(1, 4))),
+        preprocess=lambda row: {"id": row["qid"], "prompt": f"Q: {row['question']}\nA:"},
+        postprocess=lambda row: {"qid": row["id"], "answer": row["generated_text"], "error": row["error"]})
+    ds = processor(ds)          # lazy, like any Dataset transform; then ds.write_parquet(...) etc.
+
+A row going in has `prompt` (or chat `messages`; score: `prompt`, `choices`, `answer`), and
+optionally `id`, `max_new_tokens`, `seed`; every other column is carried through. A row
+that cannot be run comes out with `error` and `error_kind`, never dropped. Steps: parse ->
+prepare (tokenize, CPU tasks) -> groups by length under the token budget -> actor pool
+(packed prefill, decode or scoring) -> output rows (the task's columns + carried ones).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import ray
+
+from ..models import load_tokenizer, resolve_model_path
+from .actor import PrepackActor
+from .config import ProcessorConfig
+from .faults import FaultPlan
+from .oom import token_budget_for_memory
+from .rows import (GROUP_SCHEMA, PREPARED_SCHEMA, make_groups, parse_record, rows_to_table, table_to_rows)
+from .task import Task, make_task
+
+Row = dict
+
+
+def parse_stage(batch: pa.Table) -> pa.Table:
+    """A user's rows -> parsed rows (rows.ROW_SCHEMA); bad ones carry `error`."""
+    return rows_to_table([parse_record(r) for r in batch.to_pylist()])
+
+
+def prepare_stage(batch: pa.Table, task: Task, model_path: str) -> pa.Table:
+    """Parsed rows -> prepared rows (tokenized, num_input_tokens, payload)."""
+    tokenizer, max_context = load_tokenizer(model_path)
+    return rows_to_table([task.prepare_row(r, tokenizer, max_context) for r in table_to_rows(batch)],
+                         PREPARED_SCHEMA)
+
+
+def group_stage(batch: pa.Table, max_group_tokens: int, max_group_prompts: int) -> pa.Table:
+    """One window of prepared rows -> one record per group (rows.make_groups)."""
+    return pa.table(make_groups(table_to_rows(batch), max_group_tokens, max_group_prompts), schema=GROUP_SCHEMA)
+
+
+def actor_pool(actors) -> dict:
+    """map_batches arguments for the actor pool: size (fixed or autoscaling), resources,
+    restarts and retries. A dead actor is restarted (max_restarts) and its unfinished groups
+    retried (max_task_retries); Ray 2.60 takes both as remote args."""
+    c = actors.concurrency
+    size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
+    return dict(compute=ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=actors.max_tasks_in_flight),
+                num_gpus=actors.gpus_per_actor, num_cpus=actors.cpus_per_actor,
+                max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
+
+
+def memory_token_budget(config: ProcessorConfig, model_path: str) -> int:
+    """packing.max_group_tokens from packing.memory_budget_gb (oom.token_budget_for_memory)."""
+    from transformers import AutoConfig
+    on_gpu = config.actors.gpus_per_actor > 0 or config.model.device.startswith("cuda")
+    dtype = config.model.dtype
+    dtype_bytes = {"float32": 4, "fp32": 4}.get(dtype, 2 if dtype != "auto" or on_gpu else 4)
+    generate = config.task == "generate"
+    return token_budget_for_memory(AutoConfig.from_pretrained(model_path), config.packing.memory_budget_gb,
+                                   dtype_bytes, config.packing.max_group_prompts,
+                                   config.sampling.max_new_tokens if generate else 0, 2 if generate else 0)
+
+
+class Processor:
+    """`processor(ds)`: preprocess -> prepack stages -> postprocess, on the user's Dataset."""
+
+    def __init__(self, config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
+                 postprocess: Callable[[Row], Row] | None = None, faults: FaultPlan | None = None):
+        model = replace(config.model, cache_dir=str(Path(config.model.cache_dir).resolve()))  # actors' cwd differs
+        self.model_path = resolve_model_path(model.path, model.cache_dir)  # tiny:* is built here, once
+        load_tokenizer(self.model_path)  # fails here, before any work, on an unreadable model
+        packing = config.packing
+        if packing.memory_budget_gb:
+            packing = replace(packing, max_group_tokens=memory_token_budget(config, self.model_path))
+            print(f"packing.max_group_tokens = {packing.max_group_tokens} "
+                  f"(from packing.memory_budget_gb={config.packing.memory_budget_gb})")
+        self.config = replace(config, model=model, packing=packing)
+        self.task = make_task(self.config)
+        self.preprocess, self.postprocess = preprocess, postprocess
+        self.faults = faults if faults is not None and faults.active else None
+
+    def __call__(self, ds):
+        if self.preprocess is not None:
+            ds = ds.map(self.preprocess)
+        ds = ds.map_batches(parse_stage, batch_format="pyarrow")
+        ds = self.run_parsed(ds)
+        return ds.map(self.postprocess) if self.postprocess is not None else ds
+
+    def run_parsed(self, ds):
+        """Parsed rows (rows.ROW_SCHEMA) -> output rows; the jobs enter here (they parse shards)."""
+        p = self.config.packing
+        ds = ds.map_batches(prepare_stage, batch_size=256, batch_format="pyarrow",
+                            fn_kwargs=dict(task=self.task, model_path=self.model_path))
+        if p.global_sort:
+            ds = ds.sort("num_input_tokens", descending=True)
+        ds = ds.map_batches(group_stage, batch_size=p.window, batch_format="pyarrow",
+                            fn_kwargs=dict(max_group_tokens=p.max_group_tokens, max_group_prompts=p.max_group_prompts))
+        ds = ds.repartition(target_num_rows_per_block=1)  # one group per block: spreads groups over actors
+        # One group per call; the model loads once per actor.
+        return ds.map_batches(PrepackActor, batch_size=1, batch_format="pyarrow", **actor_pool(self.config.actors),
+                              fn_constructor_kwargs=dict(config=self.config,
+                                                         faults=self.faults.to_dict() if self.faults else None))
+
+
+def build_processor(config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
+                    postprocess: Callable[[Row], Row] | None = None) -> Processor:
+    """A stage to apply to a Dataset: `ds = build_processor(config, pre, post)(ds)`."""
+    return Processor(config, preprocess, postprocess, FaultPlan.from_env())

@@ -1,0 +1,101 @@
+"""Every way to get a model: HF id, local directory or `tiny:ARCH[:SIZE]`; dtype and device rules.
+
+    path = resolve_model_path("tiny:llama", cache_dir="artifacts/models")   # built once, no download
+    model, tokenizer = load_model(path, dtype="auto", device="auto")
+    tokenizer, max_context = load_tokenizer(path)                            # no weights (CPU stages)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .tiny import ARCHS, SIZES, build_tiny_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer at a path could not be loaded."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on a GPU that supports it, float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa",
+               trust_remote_code: bool = False):
+    """Return (model, tokenizer), the model in eval mode on `device`.
+
+    attn_implementation: "sdpa" (default) or "eager"; both take prepack's packed masks.
+    """
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure here is one message for the user
+        raise ModelLoadError(f"cannot load model from {path!r}: {type(e).__name__}: {e}") from e
+    if tokenizer.pad_token_id is None:  # padded baselines need one; prepacking does not
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(dev).eval(), tokenizer
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens, from whichever key its config uses."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@lru_cache(maxsize=2)
+def load_tokenizer(path: str):
+    """(tokenizer, max_context) for a resolved checkpoint path, no weights; cached per process."""
+    return AutoTokenizer.from_pretrained(path), context_length(AutoConfig.from_pretrained(path))
+
+
+def resolve_model_path(path: str, cache_dir: str | Path) -> str:
+    """`tiny:ARCH[:SIZE]` -> a random-weight checkpoint built once under cache_dir; else unchanged."""
+    if not path.startswith("tiny:"):
+        return path
+    parts = path.split(":")[1:]
+    arch, size = parts[0], parts[1] if len(parts) > 1 else "tiny"
+    if arch not in ARCHS or size not in SIZES or len(parts) > 2:
+        raise ValueError(f"model.path {path!r}: expected tiny:ARCH[:SIZE], ARCH in {ARCHS}, SIZE in {tuple(SIZES)}")
+    out = Path(cache_dir).resolve() / f"tiny-{arch}-{size}"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside, then rename: concurrent builders (actors on one node) never see half a dir.
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        build_tiny_model(arch, tmp, size=size)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
