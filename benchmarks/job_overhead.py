@@ -1,7 +1,7 @@
 """What the Ray job costs over the engine: the same prompts, greedy, fixed output length.
 
-    python benchmarks/job_overhead.py                       # 2,000 Alpaca prompts x 64 tokens, tiny llama
-    python benchmarks/job_overhead.py --num-prompts 500 --size small
+    python benchmarks/job_overhead.py --data ../shared/data/alpaca.jsonl   # 2,000 prompts x 64 tokens, tiny llama
+    python benchmarks/job_overhead.py --data ../shared/data/alpaca.jsonl --num-prompts 500 --size small
 
 A: `Engine.generate` called directly in this process (model already loaded).
 B: the whole job (`jobs/generate.py`: read, parse, tokenize, group, one actor, write,
@@ -33,13 +33,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/alpaca.jsonl")
+    ap.add_argument("--data", required=True, help="prompt JSONL, e.g. ../shared/data/alpaca.jsonl")
     ap.add_argument("--num-prompts", type=int, default=2000)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--size", choices=("tiny", "small"), default="tiny", help="tiny llama size")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, engine and actor")
-    ap.add_argument("--token-budget", type=int, default=4096)
-    ap.add_argument("--max-rows", type=int, default=64)
+    ap.add_argument("--max-group-tokens", type=int, default=4096)
+    ap.add_argument("--max-group-prompts", type=int, default=64)
     args = ap.parse_args()
 
     model_path = resolve_model_path(f"tiny:llama:{args.size}", REPO / "artifacts" / "models")
@@ -50,7 +50,7 @@ def main() -> None:
     # A: the engine alone, same grouping budgets as the job.
     torch.set_num_threads(args.threads)
     model, tok = load_model(model_path, dtype="float32", device="cpu")
-    engine = Engine(model, tok, EngineConfig(max_group_prompts=args.max_rows, max_group_tokens=args.token_budget))
+    engine = Engine(model, tok, EngineConfig(max_group_prompts=args.max_group_prompts, max_group_tokens=args.max_group_tokens))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     results = engine.generate(prompts, params)
@@ -70,7 +70,7 @@ def main() -> None:
         try:
             summary = job.main([f"model.path={model_path}", f"input.path={src}", f"output.path={tmp}/out",
                                 f"sampling.max_new_tokens={args.max_new_tokens}", "sampling.ignore_eos=true",
-                                f"packing.max_group_tokens={args.token_budget}", f"packing.max_group_prompts={args.max_rows}",
+                                f"packing.max_group_tokens={args.max_group_tokens}", f"packing.max_group_prompts={args.max_group_prompts}",
                                 "actors.concurrency=1", f"actors.torch_threads={args.threads}"])
         finally:
             ray.shutdown()

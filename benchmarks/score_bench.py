@@ -1,9 +1,9 @@
 """Log-likelihood scoring throughput: prepacked (shared, simple) vs padded per-pair batches.
 
-    python benchmarks/score_bench.py --items 2000 --size small --repeats 3
+    python benchmarks/score_bench.py --data ../shared/data --items 2000 --size small --repeats 3
 
 Every method scores the same (prompt, choice) pairs with the same harness tokenization
-(score_items.encode_item) on the same model; pairs/s is total pairs / wall time of the
+(inputs.encode_item) on the same model; pairs/s is total pairs / wall time of the
 whole pass (tokenization excluded, packing and mask building included), median over
 repeats. Baselines: each pair its own row, left-padded batches of --batch-size pairs
 (`baselines.pad_left`, positions from the mask as generate does), in input order (full
@@ -26,8 +26,6 @@ from prepack_actor.bench.baselines import pad_left
 from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreConfig, Scorer
 from prepack_actor.tiny import build_tiny_model
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
 
 
 @torch.inference_mode()
@@ -53,25 +51,27 @@ def padded_scores(model, pairs: list[tuple[list[int], int]], batch_size: int, pa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True,
+                    help="folder with mmlu_scoring.jsonl, mmlu.jsonl, alpaca.jsonl (e.g. ../shared/data)")
     ap.add_argument("--items", type=int, default=2000, help="MMLU items scored (first N of mmlu_scoring.jsonl)")
     ap.add_argument("--size", choices=("tiny", "small"), default="small", help="tiny-model size (prepack_actor.tiny)")
     ap.add_argument("--arch", default="llama")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per padded baseline batch")
-    ap.add_argument("--token-budget", type=int, default=8192, help="tokens per prepacked forward pass")
+    ap.add_argument("--max-group-tokens", type=int, default=8192, help="tokens per prepacked forward pass")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    items = [json.loads(line) for line in open(DATA / "mmlu_scoring.jsonl")][:args.items]
-    texts = [json.loads(line)["prompt"] for f in ("mmlu.jsonl", "alpaca.jsonl") for line in open(DATA / f)]
+    items = [json.loads(line) for line in open(args.data / "mmlu_scoring.jsonl")][:args.items]
+    texts = [json.loads(line)["prompt"] for f in ("mmlu.jsonl", "alpaca.jsonl") for line in open(args.data / f)]
     with tempfile.TemporaryDirectory() as d:
         build_tiny_model(args.arch, d, size=args.size, texts=texts)  # realistic token counts
         model, tok = load_model(d, dtype="float32", device="cpu")
     pad_id = tok.pad_token_id
 
-    scorers = {m: Scorer(model, tok, ScoreConfig(mode=m, max_group_tokens=args.token_budget))
+    scorers = {m: Scorer(model, tok, ScoreConfig(mode=m, max_group_tokens=args.max_group_tokens))
                for m in ("shared", "simple")}
     prepared = [scorers["shared"].prepare(it) for it in items]
     pairs = [(p, enc.context_len) for _, enc in prepared for p in enc.pairs]
@@ -103,7 +103,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"tokens: per-pair {tokens_pair}, shared layout {tokens_shared} "
           f"({tokens_pair / tokens_shared:.2f}x fewer); padded batch {args.batch_size} pairs; "
-          f"prepack budget {args.token_budget} tokens")
+          f"prepack budget {args.max_group_tokens} tokens")
     base = statistics.median(times["padded per-pair"])
     print(f"{'method':<24}{'median s':>10}{'pairs/s':>10}{'vs padded':>11}")
     for name, ts in times.items():

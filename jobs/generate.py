@@ -7,19 +7,15 @@
 Config -> read (parse, bad rows -> error rows) -> tokenize -> length-aware groups -> actor
 pool (pack, prefill, decode) -> write -> summary.json. Keys: conf/generate.yaml.
 """
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from prepack_actor.job import pipeline  # noqa: E402
-from prepack_actor.job.config import GenerateConfig, config_or_exit  # noqa: E402
-
-DEFAULT_YAML = Path(__file__).resolve().parent.parent / "conf" / "generate.yaml"
+from prepack_actor.job.config import GenerateConfig
+from prepack_actor.job.pipeline import cli
 
 
 def main(argv: list[str]) -> dict:
-    return pipeline.main(config_or_exit(GenerateConfig, argv, DEFAULT_YAML))
+    return cli(GenerateConfig, argv, Path(__file__).resolve().parent.parent / "conf" / "generate.yaml")
 
 
 if __name__ == "__main__":

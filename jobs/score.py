@@ -8,19 +8,15 @@ Rows: {id, prompt, choices: [str, ...], answer?: int}. Out: per row choice_logpr
 choice_num_tokens, pred, pred_norm, correct (null without answer), timing and packing
 columns, error. The same pipeline as jobs/generate.py with the scoring task. Keys: conf/score.yaml.
 """
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from prepack_actor.job import pipeline  # noqa: E402
-from prepack_actor.job.config import ScoreJobConfig, config_or_exit  # noqa: E402
-
-DEFAULT_YAML = Path(__file__).resolve().parent.parent / "conf" / "score.yaml"
+from prepack_actor.job.config import ScoreJobConfig
+from prepack_actor.job.pipeline import cli
 
 
 def main(argv: list[str]) -> dict:
-    return pipeline.main(config_or_exit(ScoreJobConfig, argv, DEFAULT_YAML))
+    return cli(ScoreJobConfig, argv, Path(__file__).resolve().parent.parent / "conf" / "score.yaml")
 
 
 if __name__ == "__main__":

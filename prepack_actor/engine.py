@@ -7,7 +7,6 @@ The main loop per group reads like nano-vllm's step: pack, prefill, unpack, deco
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,27 +15,16 @@ import torch
 from .core import kv_cache
 from .core.decode import decode
 from .core.forward import last_token_logits
-from .core.grouping import group_by_length
+from .core.grouping import GroupConfig
 from .core.packing import pack
 from .core.sampling import Sampler, SamplingParams
 from .inputs import Prompt, encode_prompts
-from .models import context_length
+from .models import ModelRunner
 
 
 @dataclass
-class EngineConfig:
-    pack_capacity: int | None = None  # row width in tokens (>= longest prompt); None = longest (paper)
-    max_group_prompts: int = 64  # prompts prefilled and decoded together, >= 1
-    max_group_tokens: int = 16384  # prompt tokens per group (bounds prefill memory), >= longest prompt
+class EngineConfig(GroupConfig):
     sort_by_length: bool = True  # group similar lengths (fuller packs, similar decode lengths)
-
-    def __post_init__(self):
-        if self.pack_capacity is not None and self.pack_capacity < 1:
-            raise ValueError(f"pack_capacity must be None or >= 1, got {self.pack_capacity}")
-        if self.max_group_prompts < 1:
-            raise ValueError(f"max_group_prompts must be >= 1, got {self.max_group_prompts}")
-        if self.max_group_tokens < 1:
-            raise ValueError(f"max_group_tokens must be >= 1, got {self.max_group_tokens}")
 
 
 @dataclass
@@ -72,16 +60,13 @@ class StopChecker:
         return False, None
 
 
-class Engine:
+class Engine(ModelRunner):
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
-        self.model, self.tokenizer = model, tokenizer
+        super().__init__(model, tokenizer)
         self.config = config or EngineConfig()
-        self.device = model.device
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_context = context_length(model.config)
 
     def encode(self, prompts: Sequence[Prompt], reserve: int | Sequence[int] = 0) -> list[list[int]]:
         """Token ids per prompt; raises PromptError naming the first bad prompt."""
@@ -89,8 +74,7 @@ class Engine:
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
         """Split prompt indices into groups under the prompt-count and token budgets."""
-        c = self.config
-        return group_by_length(lengths, c.max_group_tokens, c.max_group_prompts, c.sort_by_length)
+        return self.config.groups(lengths, self.config.sort_by_length)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Prompt]) -> torch.Tensor:
@@ -117,17 +101,17 @@ class Engine:
 
     def generate_group(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
         """Pack, prefill, unpack, decode one group of encoded prompts."""
-        t0 = self._now()
+        t0 = self.now()
         packed = pack(ids, self.config.pack_capacity, self.pad_id)
-        t_packed = self._now()
+        t_packed = self.now()
         logits, cache = last_token_logits(self.model, packed)  # [P, V]
-        t_prefilled = self._now()
+        t_prefilled = self.now()
         cache, attention_mask = kv_cache.unpack(cache, packed, room=max(p.max_new_tokens for p in params) - 1)
         sampler = Sampler(params, self.device)
         first = sampler(logits)
-        t_first = self._now()
+        t_first = self.now()
         decoded = decode(self.model, cache, attention_mask, packed.length, first, sampler, params,
-                         lambda p, tokens: self.stops.check(tokens, params[p]), self._sync)
+                         lambda p, tokens: self.stops.check(tokens, params[p]), self.sync)
         overhead = (t_packed - t0) + (t_first - t_prefilled)
         out = []
         for p, d in enumerate(decoded):
@@ -141,14 +125,6 @@ class Engine:
                 decode_s=max(0.0, d.finished_at - t_first), overhead_s=overhead,
                 pack_prompts=len(ids), pack_rows=packed.num_rows, pack_efficiency=packed.efficiency))
         return out
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _now(self) -> float:
-        self._sync()
-        return time.perf_counter()
 
 
 def _per_prompt(sampling, n: int) -> list[SamplingParams]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implem
     if tokenizer.pad_token_id is None:  # padded baselines need one; prepacking does not
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer
+
+
+class ModelRunner:
+    """A loaded model and tokenizer, and what every library entry point reads from them."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_context = context_length(model.config)
+
+    def sync(self) -> None:
+        """Wait for the device (timings on CUDA are otherwise launch times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
 
 
 def context_length(config) -> int | None:

@@ -19,41 +19,34 @@ in characters (lm-eval's acc_norm) or in tokens (`length_norm="tokens"`).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from .core.forward import branch_logprobs
-from .core.grouping import group_by_length
+from .core.grouping import GroupConfig
 from .core.packing import pack
 from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item
-from .models import context_length
+from .models import ModelRunner
 
 MODES = ("shared", "simple")
 NORMS = ("chars", "tokens")
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(GroupConfig):
     mode: str = "shared"  # "shared" (prompt once, choices as tree branches) | "simple" (pair per segment)
-    pack_capacity: int | None = None  # row width in tokens; None = the group's longest unit (paper)
-    max_group_tokens: int = 8192  # tokens laid out per forward pass (bounds memory), >= 1
-    max_group_prompts: int = 256  # items per forward pass, >= 1
     length_norm: str = "chars"  # pred_norm divides by choice "chars" (lm-eval acc_norm) | "tokens"
+    max_group_prompts: int = 256  # items per forward pass, >= 1
+    max_group_tokens: int = 8192  # tokens laid out per forward pass (bounds memory), >= 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.length_norm not in NORMS:
             raise ValueError(f"length_norm must be one of {NORMS}, got {self.length_norm!r}")
-        if self.pack_capacity is not None and self.pack_capacity < 1:
-            raise ValueError(f"pack_capacity must be None or >= 1, got {self.pack_capacity}")
-        if self.max_group_tokens < 1:
-            raise ValueError(f"max_group_tokens must be >= 1, got {self.max_group_tokens}")
-        if self.max_group_prompts < 1:
-            raise ValueError(f"max_group_prompts must be >= 1, got {self.max_group_prompts}")
 
 
 @dataclass
@@ -101,14 +94,12 @@ def prepare(tokenizer, raw: Mapping[str, Any] | ScoreItem, max_context: int | No
     return item, enc
 
 
-class Scorer:
+class Scorer(ModelRunner):
     """Holds the model, tokenizer and config; `score(items)` is the whole pipeline."""
 
     def __init__(self, model, tokenizer, config: ScoreConfig | None = None):
-        self.model, self.tokenizer = model, tokenizer
+        super().__init__(model, tokenizer)
         self.config = config or ScoreConfig()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_context = context_length(model.config)
 
     def prepare(self, raw: Mapping[str, Any] | ScoreItem) -> tuple[ScoreItem, EncodedItem]:
         """Validate and tokenize one item; ValueError with the reason."""
@@ -145,16 +136,16 @@ class Scorer:
 
     def groups(self, sizes: list[int]) -> list[list[int]]:
         """Item indices in groups under the budgets, longest first (similar lengths pack well)."""
-        return group_by_length(sizes, self.config.max_group_tokens, self.config.max_group_prompts)
+        return self.config.groups(sizes)
 
     def score_group(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
         """Pack one group, one forward, then sums per choice and decisions per item."""
         units = [enc.units(self.config.mode == "shared") for _, enc in prepared]
         flat = [u for us in units for u in us]
         batch = pack([u.prefix for u in flat], self.config.pack_capacity, self.pad_id, [u.branches for u in flat])
-        t0 = self._now()
+        t0 = self.now()
         logprob, greedy, branch = branch_logprobs(self.model, batch)  # [T] each
-        prefill_s = self._now() - t0
+        prefill_s = self.now() - t0
         sums, counts, all_greedy = per_branch(logprob, greedy, branch, len(batch.branch_length))
         out, b = [], 0
         for (item, enc), us in zip(prepared, units):
@@ -169,11 +160,6 @@ class Scorer:
                 prefill_s=prefill_s * tokens / batch.num_tokens, pack_units=len(flat),
                 pack_rows=batch.num_rows, pack_efficiency=batch.efficiency))
         return out
-
-    def _now(self) -> float:
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
-        return time.perf_counter()
 
 
 def score(model, tokenizer, items: Sequence[Mapping[str, Any] | ScoreItem], mode: str | None = None,

@@ -1,8 +1,10 @@
 """Helpers shared by the generation-job tests: input shards with every kind of row."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +22,24 @@ def load_job(name: str = "generate"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def env(**values):
+    """Set environment variables for the block (fault plans are read from them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def driver_script(job: str) -> str:
+    """`python -c` source: a job's driver on a private Ray under temp dir argv[1], job args after."""
+    return ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False, "
+            f"_temp_dir=sys.argv[1]); sys.path.insert(0, 'jobs'); import {job}; {job}.main(sys.argv[2:])")
 
 
 def good_jsonl_lines() -> list[str]:

@@ -26,7 +26,7 @@ from prepack_actor.job.oom import is_oom, run_splitting
 from prepack_actor.job.output import finished_ids
 
 from conftest import _stop_cluster
-from job_helpers import PROMPTS, REPO, load_job
+from job_helpers import PROMPTS, REPO, driver_script, env, load_job
 
 pytestmark = pytest.mark.slow
 
@@ -68,17 +68,6 @@ def clean(src, moto_s3, tiny_model_dir, ray_local, tmp_path_factory):
     assert len(rows) == NUM_ROWS + 1 and rows[f"prompts.jsonl:{NUM_ROWS + 1}"][-1] == "invalid_json"
     assert sum(r[-1] is None for r in rows.values()) == NUM_ROWS
     return rows
-
-
-@contextlib.contextmanager
-def env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_job(*args):
@@ -125,13 +114,12 @@ def test_run_splitting_halves_down_to_single_prompts():
     assert calls[0] == 4 and max(calls[1:]) == 2  # halved, not retried whole
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory")) and not is_oom(ValueError("x"))
     # Any other failure is isolated the same way: only the prompt that fails alone carries it.
-    out = run_splitting(lambda part: [1 / len(x[0] - 3) for x in part], [[[1, 2]], [[1, 2, 3]], [[4]]])
+    out = run_splitting(lambda part: [1 / (len(x) - 3) for x in part], [[1, 2], [1, 2, 3], [4]])
     assert out[0] == -1.0 and isinstance(out[1], ZeroDivisionError) and out[2] == -0.5
 
 
 # ---- driver killed, then resume -------------------------------------------------------
-DRIVER = ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1]);"
-          "sys.path.insert(0, 'jobs'); import generate; generate.main(sys.argv[2:])")
+DRIVER = driver_script("generate")
 
 
 def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The benchmark job's typed config; loaded by prepack_actor.config.load_config."""
+"""The benchmark job's typed config; loaded by prepack_actor.job.config.load_config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,8 +11,7 @@ GENERATE_METHODS = ("full_batching_generate", "hf_continuous_batching", "prepack
 
 @dataclass
 class BenchmarkConfig:
-    datasets: list[str] = field(default_factory=lambda: ["../shared/data/alpaca.jsonl",
-                                                        "../shared/data/mmlu.jsonl"])
+    datasets: list[str] = field(default_factory=list)  # required: prompt files, passed explicitly
     batch_sizes: list[int] = field(default_factory=lambda: [32, 64])
     output_dir: str = "results/benchmark"
     model: str = ""
@@ -27,7 +26,7 @@ class BenchmarkConfig:
     best_capacity_multiple: float = 1.0
     best_min_width: int = 1024
     generate_methods: list[str] = field(default_factory=lambda: list(GENERATE_METHODS))
-    generate_datasets: list[str] = field(default_factory=lambda: ["../shared/data/mmlu.jsonl"])
+    generate_datasets: list[str] = field(default_factory=list)  # [] = the prefill datasets
     generate_batch_size: int = 64
     new_tokens: int = 64
     generate_repeats: int = 2
@@ -37,8 +36,6 @@ class BenchmarkConfig:
     largest_batch_limit: int = 4096
 
     def __post_init__(self):
-        if not self.datasets:
-            raise ConfigError("datasets: expected at least one prompt file, got []")
         for key in ("batch_sizes",):
             if not self.batch_sizes or min(self.batch_sizes) < 1:
                 raise ConfigError(f"{key}: expected a non-empty list of integers >= 1, got {self.batch_sizes}")
@@ -62,3 +59,7 @@ class BenchmarkConfig:
             raise ConfigError(f"largest_batch_memory_gb: expected a number > 0, got {self.largest_batch_memory_gb!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype: expected auto | float32 | bfloat16 | float16, got {self.dtype!r}")
+        if not self.datasets:
+            raise ConfigError("datasets: expected at least one prompt file, e.g. datasets=[../shared/data/mmlu.jsonl]")
+        if not self.generate_datasets:
+            self.generate_datasets = list(self.datasets)

@@ -9,6 +9,7 @@ neighbours in length together: packs fill well and decode lengths are alike.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 
@@ -33,3 +34,22 @@ def group_by_length(lengths: Sequence[int], max_group_tokens: int, max_group_pro
     if cur:
         groups.append(cur)
     return groups
+
+
+@dataclass
+class GroupConfig:
+    """The budgets every library entry point groups and packs by (engine, scorer)."""
+
+    pack_capacity: int | None = None  # row width in tokens (>= longest unit); None = longest (paper)
+    max_group_prompts: int = 64  # prompts (or items) per forward pass, >= 1
+    max_group_tokens: int = 16384  # tokens per forward pass (bounds prefill memory), >= 1
+
+    def __post_init__(self):
+        for key in ("pack_capacity", "max_group_prompts", "max_group_tokens"):
+            value = getattr(self, key)
+            if (value is not None or key != "pack_capacity") and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be {'None or ' if key == 'pack_capacity' else ''}an int >= 1, "
+                                 f"got {value!r}")
+
+    def groups(self, lengths: Sequence[int], sort: bool = True) -> list[list[int]]:
+        return group_by_length(lengths, self.max_group_tokens, self.max_group_prompts, sort)

@@ -1,7 +1,7 @@
 """The one job pipeline, for every task: preflight, read, the stage, write, summary.
 
-    summary = run(cfg)        # cfg: GenerateConfig | ScoreJobConfig (see conf/*.yaml)
-    main(cfg)                 # the same for a job's __main__: one-line errors, exit 1
+    summary = run(cfg)                                  # cfg: GenerateConfig | ScoreJobConfig (conf/*.yaml)
+    summary = cli(GenerateConfig, sys.argv[1:], yaml)   # a job script's main: one-line errors, exit 1/2
 
 Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume; dead
 actors are restarted and their groups redone; every group is one atomic file named by
@@ -9,20 +9,22 @@ its ids, so each row is written exactly once; summary.json is written last, on s
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from importlib import resources
 
-import ray
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in forked Ray workers
+import ray  # noqa: E402
 
-from .config import to_dict
-from .faults import FaultPlan
-from .output import prepare_output, skip_done, write_rows
-from .read import JobError, list_shards, read_rows, start_ray
-from .stage import Processor
-from .storage import SUMMARY_NAME, read_output, write_json
-from .summary import SummaryAccumulator, format_table
-from .task import make_task
+from .config import config_or_exit, to_dict  # noqa: E402
+from .faults import FaultPlan  # noqa: E402
+from .output import prepare_output, skip_done, write_rows  # noqa: E402
+from .read import JobError, list_shards, read_rows, start_ray  # noqa: E402
+from .stage import Processor  # noqa: E402
+from .storage import SUMMARY_NAME, read_output, write_json  # noqa: E402
+from .summary import SummaryAccumulator, format_table  # noqa: E402
+from .task import make_task  # noqa: E402
 
 
 def run(cfg) -> dict:
@@ -73,8 +75,9 @@ def run(cfg) -> dict:
     return summary
 
 
-def main(cfg) -> dict:
-    """run(cfg) for a job script: a JobError is one line on stderr and exit status 1."""
+def cli(schema: type, argv: list[str], default_yaml) -> dict:
+    """A job script's main: config (a ConfigError exits 2), then run (a JobError exits 1)."""
+    cfg = config_or_exit(schema, argv, default_yaml)
     try:
         return run(cfg)
     except JobError as e:
