@@ -5,15 +5,18 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast
+.PHONY: setup setup-test run test test-fast
 setup:
 	bash scripts/setup.sh
+
+setup-test:
+	bash scripts/setup.sh test
 
 run: setup
 	$(PY) jobs/generate.py
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -m "slow or not slow" tests
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest tests

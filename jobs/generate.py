@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from prepack_actor.job.config import GenerateConfig
-from prepack_actor.job.pipeline import cli
+from prepack_actor.job.cli import cli
 
 
 def main(argv: list[str]) -> dict:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from prepack_actor.job.config import ScoreJobConfig
-from prepack_actor.job.pipeline import cli
+from prepack_actor.job.cli import cli
 
 
 def main(argv: list[str]) -> dict:

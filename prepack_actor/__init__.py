@@ -2,15 +2,23 @@
 
 core/ is the mechanism (tensors only); engine, scoring, inputs and models are the library;
 job/ runs it on Ray Data (the only package that imports ray); bench/ measures it.
+Exports load on first use, so `prepack_actor.job.config` (a job's --help) imports no torch.
 """
-from .core.packing import PackedBatch, ffd, pack
-from .core.sampling import SamplingParams
-from .engine import Engine, EngineConfig, GenerationResult
-from .inputs import InputError, ItemError, PromptError
-from .models import ModelLoadError, load_model
-from .scoring import ScoreConfig, ScoreResult, Scorer, score
-from .tiny import build_tiny_model
+from importlib import import_module
 
-__all__ = ["Engine", "EngineConfig", "GenerationResult", "ModelLoadError", "load_model",
-           "PackedBatch", "ffd", "pack", "InputError", "PromptError", "SamplingParams", "build_tiny_model",
-           "ItemError", "ScoreConfig", "ScoreResult", "Scorer", "score"]
+_EXPORTS = {
+    "PackedBatch": "core.packing", "ffd": "core.packing", "pack": "core.packing",
+    "SamplingParams": "core.sampling",
+    "Engine": "engine", "EngineConfig": "engine", "GenerationResult": "engine",
+    "InputError": "inputs", "ItemError": "inputs", "PromptError": "inputs",
+    "ModelLoadError": "models", "load_model": "models",
+    "ScoreConfig": "scoring", "ScoreResult": "scoring", "Scorer": "scoring", "score": "scoring",
+    "build_tiny_model": "tiny",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prepack_actor' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

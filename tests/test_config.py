@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import time
@@ -88,3 +89,35 @@ def test_every_schema_key_is_written_in_its_yaml(name, schema):
     for line in text.splitlines():
         if line.startswith("  ") and ":" in line and not line.strip().startswith("#"):
             assert "#" in line, f"{name}: undocumented key: {line}"
+
+
+def test_help_is_fast_and_lists_every_key():
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and time.time() - t0 < 2.0, (p.returncode, time.time() - t0)
+    assert p.stdout.startswith("usage:") and "--dry-run" in p.stdout
+    for key in ("max_new_tokens:", "max_group_tokens:", "concurrency:", "limit:"):
+        assert key in p.stdout
+
+
+@pytest.mark.parametrize("arg, hint", [("max_new_tokens=8", "did you mean sampling.max_new_tokens?"),
+                                       ("temperature=0.5", "did you mean sampling.temperature?")])
+def test_bare_key_gets_a_hint(arg, hint):
+    with pytest.raises(ConfigError, match=hint):
+        load_config(GenerateConfig, [arg], YAML)
+
+
+def test_dry_run_prints_prepared_rows_and_writes_nothing(tmp_path, tiny_model_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"id": f"r{i}", "prompt": "word " * (i + 1)}) for i in range(8))
+                   + '\n{"id": "e", "prompt": ""}\n')
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), "--dry-run", f"input.path={src}",
+                        f"model.path={tiny_model_dir('llama')}", f"output.path={out}", "input.limit=3"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [line.strip() for line in p.stdout.splitlines() if line.startswith("  ")]
+    assert [line.split(":")[0] for line in lines] == ["r0", "r1", "r2"]  # input.limit=3
+    assert all(line.endswith("tokens") for line in lines)
+    assert not out.exists()  # nothing written, not even the job record

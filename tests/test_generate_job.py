@@ -104,3 +104,16 @@ def test_actor_pool_that_takes_every_cpu_is_refused(ray_local):
     with pytest.raises(JobError, match=r"actors.concurrency=2 x actors.cpus_per_actor=1 reserve all 2 CPUs"):
         check_actor_fit(2, 1, 0)
     check_actor_fit(2, 0.5, 0)  # leaves one CPU free: accepted
+
+
+@pytest.mark.slow
+def test_limit_runs_only_the_first_rows(tiny_model_dir, ray_local, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"id": f"r{i}", "prompt": f"{i} " + "word " * (i % 5 + 1)})
+                             for i in range(20)) + "\n")
+    summary = load_job("generate").main([f"model.path={tiny_model_dir('llama')}", f"input.path={src}",
+                                         f"output.path={tmp_path / 'out'}", "input.limit=7",
+                                         "sampling.max_new_tokens=2", "actors.concurrency=1"])
+    table = pa.concat_tables(list(read_output(str(tmp_path / "out"), "parquet")))
+    assert sorted(table.column("id").to_pylist()) == sorted(f"r{i}" for i in range(7))
+    assert summary["rows_in"] == summary["rows_out"] == 7

@@ -15,13 +15,14 @@ exits 2 before any work starts (`config_or_exit`).
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -76,9 +77,11 @@ class StorageConfig:
 class InputConfig:
     path: str = ""  # file, dir, glob or URL (s3://bucket/prefix/); "" = bundled sample
     format: str = "auto"  # jsonl | parquet | auto (by file extension)
+    limit: int = 0  # run only the first N rows (in shard order), >= 0; 0 = all
 
     def __post_init__(self):
         _choice("input.format", self.format, ("jsonl", "parquet", "auto"))
+        _at_least("input.limit", self.limit, 0)
 
 
 @dataclass
@@ -231,10 +234,27 @@ class ScoreJobConfig:
         return ProcessorConfig("score", self.model, self.packing, self.actors, scoring=self.scoring)
 
 
-def _one_line(e: OmegaConfBaseException) -> str:
+def _one_line(e: OmegaConfBaseException, schema_cls: type) -> str:
     msg = str(getattr(e, "msg", None) or e).splitlines()[0].strip()
     key = getattr(e, "full_key", None)
+    if key and isinstance(e, ConfigKeyError) and "did you mean" not in msg.lower():  # suggest real keys
+        msg += _did_you_mean(key, schema_cls)
     return f"{key}: {msg}" if key else msg
+
+
+def leaf_keys(schema_cls: type) -> list[str]:
+    """Every dotted key of a schema ("sampling.max_new_tokens", ...)."""
+    def walk(node, prefix):
+        for k, v in node.items():
+            yield from walk(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return list(walk(OmegaConf.to_container(OmegaConf.structured(schema_cls)), ""))
+
+
+def _did_you_mean(key: str, schema_cls: type) -> str:
+    keys = leaf_keys(schema_cls)
+    last = {k.rsplit(".", 1)[-1]: k for k in keys}
+    hits = [last[key]] if key in last else difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(hits)}?" if hits else ""
 
 
 def load_config(schema_cls: type[T], argv: Sequence[str], default_yaml_path: str | Path | None) -> T:
@@ -265,18 +285,33 @@ def load_config(schema_cls: type[T], argv: Sequence[str], default_yaml_path: str
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, schema_cls)) from None
     except Exception as e:  # noqa: BLE001 - a YAML syntax error and friends: still one line
         raise ConfigError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def config_or_exit(schema_cls: type[T], argv: Sequence[str], default_yaml_path: str | Path | None) -> T:
-    """load_config for a job's main: on ConfigError print one line to stderr and exit 2."""
+    """load_config for a job's main: --help prints every key and exits 0; a ConfigError is
+    one line on stderr and exit 2. Imports nothing heavy (no torch, no ray)."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(default_yaml_path))
+        sys.exit(0)
     try:
         return load_config(schema_cls, argv, default_yaml_path)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def usage(default_yaml_path: str | Path | None) -> str:
+    """The --help text: how to call a job, then its YAML (every key, default and meaning)."""
+    script = Path(sys.argv[0]).name or "job.py"
+    head = (f"usage: python {script} [--config FILE] [--dry-run] [key=value ...]\n\n"
+            "Keys are dotted (sampling.max_new_tokens=64); lists as [a,b]. --dry-run checks the config,\n"
+            "input and model, prepares the first rows and prints them, and writes nothing.\n"
+            "input.limit=N runs only the first N rows. Keys, defaults and meaning:\n\n")
+    text = Path(default_yaml_path).read_text() if default_yaml_path and Path(default_yaml_path).is_file() else ""
+    return head + text
 
 
 def to_dict(cfg) -> dict:

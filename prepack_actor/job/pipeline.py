@@ -1,7 +1,7 @@
 """The one job pipeline, for every task: preflight, read, the stage, write, summary.
 
-    summary = run(cfg)                                  # cfg: GenerateConfig | ScoreJobConfig (conf/*.yaml)
-    summary = cli(GenerateConfig, sys.argv[1:], yaml)   # a job script's main: one-line errors, exit 1/2
+    summary = run(cfg)               # cfg: GenerateConfig | ScoreJobConfig (conf/*.yaml); JobError on failure
+    run(cfg, dry_run=True)           # preflight, then prepare and print the first rows; writes nothing
 
 Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume; dead
 actors are restarted and their groups redone; every group is one atomic file named by
@@ -10,14 +10,13 @@ its ids, so each row is written exactly once; summary.json is written last, on s
 from __future__ import annotations
 
 import os
-import sys
 import time
 from importlib import resources
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in forked Ray workers
 import ray  # noqa: E402
 
-from .config import config_or_exit, to_dict  # noqa: E402
+from .config import to_dict  # noqa: E402
 from .faults import FaultPlan  # noqa: E402
 from .output import prepare_output, skip_done, write_rows  # noqa: E402
 from .read import JobError, list_shards, read_rows, start_ray  # noqa: E402
@@ -27,7 +26,7 @@ from .summary import SummaryAccumulator, format_table  # noqa: E402
 from .task import make_task  # noqa: E402
 
 
-def run(cfg) -> dict:
+def run(cfg, dry_run: bool = False) -> dict | None:
     pcfg = cfg.processor()
     # 1. Preflight, before Ray starts: input listed, model readable, output mode applied.
     input_path = cfg.input.path or str(resources.files("prepack_actor") / "data" / make_task(pcfg).sample)
@@ -37,6 +36,9 @@ def run(cfg) -> dict:
     except Exception as e:  # noqa: BLE001 - e.g. a missing or broken checkpoint
         raise JobError(_model_error(cfg, e)) from None
     task = processor.task
+    if dry_run:
+        return dry_run_rows(fs, shards, processor, cfg.input.limit)
+    start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray; checks the pool fits
     job_info = {k: v for k, v in to_dict(cfg).items() if k in task.job_keys}
     job_info["output_format"] = cfg.output.format  # resume refuses outputs of other settings
     state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format, job_info)
@@ -47,10 +49,12 @@ def run(cfg) -> dict:
     if state.done_ids:
         print(f"resuming: {len(state.done_ids)} rows already written under {cfg.output.path!r}")
     t0 = time.perf_counter()
-    start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray
 
     # 2. Read: one task per shard, every line or record becomes a row (bad ones carry `error`).
     ds, counter = read_rows(fs, shards)
+    if cfg.input.limit:  # the first N rows in shard order (a try-out run)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ds = ds.limit(cfg.input.limit)
     ds = skip_done(ds, state.done_ids)  # resume: rows already in finished files are not redone
 
     # 3. The stage: prepare (tokenize) -> length-aware groups -> actor pool (stage.py).
@@ -65,6 +69,7 @@ def run(cfg) -> dict:
     for table in read_output(cfg.output.path, cfg.output.format, cfg.storage, acc.columns()):
         acc.add(table.to_pydict())
     rows_in = sum(ray.get(counter.get.remote()).values())
+    rows_in = min(rows_in, cfg.input.limit) if cfg.input.limit else rows_in
     summary = acc.finish(task, rows_in=rows_in, wall_s=wall_s, model=cfg.model.path,
                          model_path=processor.model_path, input=input_path, output=cfg.output.path,
                          num_shards=len(shards), rows_reused=len(state.done_ids), config=to_dict(cfg))
@@ -75,14 +80,23 @@ def run(cfg) -> dict:
     return summary
 
 
-def cli(schema: type, argv: list[str], default_yaml) -> dict:
-    """A job script's main: config (a ConfigError exits 2), then run (a JobError exits 1)."""
-    cfg = config_or_exit(schema, argv, default_yaml)
-    try:
-        return run(cfg)
-    except JobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+def dry_run_rows(fs, shards, processor: Processor, limit: int = 0, n: int = 5) -> None:
+    """Parse and prepare the first rows of the first shard, print them; no Ray, no writes."""
+    from ..models import load_tokenizer
+    from .read import parse_shard, shard_names
+    path, fmt = shards[0]
+    data = fs.cat_file(path) if fmt == "parquet" else fs.cat_file(path, start=0, end=1 << 20)
+    if fmt != "parquet" and len(data) == 1 << 20:
+        data = data[: data.rfind(b"\n") + 1]  # whole lines only
+    rows = parse_shard(data, shard_names(shards)[path], fmt)[: min(n, limit or n)]
+    tokenizer, max_context = load_tokenizer(processor.model_path)
+    print(f"dry run: {len(shards)} shard(s), model {processor.model_path}, task {processor.task.name}; "
+          f"the first {len(rows)} rows of {path}:")
+    for r in rows:
+        r = processor.task.prepare_row(r, tokenizer, max_context)
+        what = f"error {r['error_kind']}: {r['error']}" if r["error"] else f"{r['num_input_tokens']} tokens"
+        print(f"  {r['id']}: {what}")
+    print("dry run: config, input and model are usable; nothing was written")
 
 
 def _model_error(cfg, e: BaseException) -> str:

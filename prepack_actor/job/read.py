@@ -10,7 +10,9 @@ endpoint come from the standard AWS env vars or StorageConfig.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import tempfile
 
 import fsspec
 import pyarrow as pa
@@ -82,12 +84,15 @@ class RowCounter:
         return dict(self.counts)
 
 
+def parse_shard(data: bytes, name: str, fmt: str) -> list[dict]:
+    return (parse_parquet_shard if fmt == "parquet" else parse_jsonl_shard)(data, name)
+
+
 def _parse_stage(batch: pa.Table, names: dict[str, str], formats: dict[str, str], counter) -> pa.Table:
     rows = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         name = names.get(path, path)
-        parse = parse_parquet_shard if formats.get(path) == "parquet" else parse_jsonl_shard
-        parsed = parse(data, name)
+        parsed = parse_shard(data, name, formats.get(path, "jsonl"))
         if counter is not None:
             counter.add.remote(name, len(parsed))
         rows.extend(parsed)
@@ -108,8 +113,18 @@ def read_rows(fs: fsspec.AbstractFileSystem, shards: list[tuple[str, str]], coun
 def start_ray(actors: ActorsConfig) -> None:
     """Join the cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray, then
     check that the actor pool fits it (raises JobError)."""
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        how = "using the Ray this process already started"
+    else:
+        # A bare ray.init() joins RAY_ADDRESS, else the cluster a `ray start` on this machine last
+        # started (its address file), else starts a private one: say which, so nobody is surprised.
+        joins = os.environ.get("RAY_ADDRESS") or os.path.exists(os.path.join(tempfile.gettempdir(), "ray",
+                                                                              "ray_current_cluster"))
         ray.init()
+        how = "joined the Ray cluster" if joins else "started a private local Ray"
+    res = ray.cluster_resources()
+    print(f"ray: {how} at {ray.get_runtime_context().gcs_address} ({len(ray.nodes())} node(s), "
+          f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)")
     size = actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[0]
     check_actor_fit(size, actors.cpus_per_actor, actors.gpus_per_actor)
 
