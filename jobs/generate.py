@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python jobs/generate.py input.path=... output.path=...
 
 Config -> read (parse, bad rows -> error rows) -> tokenize -> length-aware groups -> actor
-pool (pack, prefill, decode) -> write -> summary.json. Keys: conf/generate.yaml.
+pool (pack, prefill, decode) -> write -> _summary.json. Keys: conf/generate.yaml.
 """
 import sys
 from pathlib import Path

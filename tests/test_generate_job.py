@@ -88,8 +88,8 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
         assert 0 < r["pack_efficiency"] <= 1 and r["pack_rows"] >= 1 and r["ttft_s"] > 0 and r["prefill_s"] > 0
     assert rows["p3"]["num_generated_tokens"] <= 3
 
-    # summary.json beside the outputs.
-    on_disk = json.loads((out_dir / "summary.json").read_text())
+    # _summary.json beside the outputs.
+    on_disk = json.loads((out_dir / "_summary.json").read_text())
     assert on_disk["rows_out"] == inputs["num_rows"] and on_disk["config"]["sampling"]["max_new_tokens"] == MAX_NEW
     assert on_disk["tokens_out"] == sum(r["num_generated_tokens"] for r in good.values())
     assert on_disk["tokens_in"] == sum(r["num_input_tokens"] for r in good.values())

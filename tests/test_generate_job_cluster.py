@@ -54,5 +54,5 @@ def test_ray_job_submit(ray_cluster, tiny_model_dir, tmp_path):
         r = rows[f"q{i}"]
         assert r["error"] is None and r["n"] == i
         assert r["generated_text"] == ref.text and r["num_input_tokens"] == ref.num_input_tokens
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows_in"] == summary["rows_out"] == 12 and summary["rows_error"] == 0

@@ -37,7 +37,7 @@ def test_job_reads_and_writes_s3(moto_s3, tiny_model_dir, ray_local, tmp_path):
         ref = engine.generate([rows[k]["prompt"]], SamplingParams(max_new_tokens=4))[0]
         assert rows[k]["generated_text"] == ref.text and rows[k]["num_generated_tokens"] == ref.num_generated_tokens
 
-    s3, root = filesystem("s3://prompts/out/summary.json")
+    s3, root = filesystem("s3://prompts/out/_summary.json")
     on_s3 = json.loads(s3.cat(root))
     assert on_s3["rows_out"] == inputs["num_rows"] and on_s3["rows_error"] == len(inputs["bad"])
     assert on_s3["tokens_out"] == sum(r["num_generated_tokens"] for r in rows.values())

@@ -90,7 +90,7 @@ def test_notebook_runs_top_to_bottom_and_shows_results(tmp_path, monkeypatch):
     assert sorted(probe["job_ids"]) == sorted(probe["slice_ids"]) and len(probe["slice_ids"]) == 32
     assert probe["job_errors"] == 0 and probe["job_texts"] == 32 and probe["summary_rows_out"] == 32
     out = Path(probe["output_dir"])
-    assert out.is_relative_to(tmp_path) and list(out.glob("*.parquet")) and (out / "summary.json").is_file()
+    assert out.is_relative_to(tmp_path) and list(out.glob("*.parquet")) and (out / "_summary.json").is_file()
 
     # Timing: both methods measured on the same tokens; prepacking computes fewer slots.
     timings = {t["method"]: t for t in probe["timings"]}

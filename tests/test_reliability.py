@@ -23,7 +23,7 @@ import torch
 
 from prepack_actor.job.storage import read_output
 from prepack_actor.job.oom import is_oom, run_splitting
-from prepack_actor.job.output import finished_ids
+from prepack_actor.job.output import done_ids
 
 from conftest import _stop_cluster
 from job_helpers import PROMPTS, REPO, driver_script, env, load_job
@@ -125,7 +125,7 @@ DRIVER = driver_script("generate")
 def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_dir, tmp_path):
     out, temp = tmp_path / "out", Path("/tmp") / f"rk{os.getpid()}"
     args = [f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
-            "packing.max_group_prompts=1", *COMMON]
+            "packing.max_group_prompts=1", "output.rows_per_file=2", *COMMON]  # files committed as it runs
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(temp), *args], cwd=REPO, start_new_session=True,
                             env=dict(os.environ, PREPACK_FAULT_DELAY_S="0.3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -138,19 +138,21 @@ def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_d
         proc.wait(timeout=30)
     finally:
         _stop_cluster(temp)
-    done = finished_ids(str(out), "parquet")
-    assert 2 <= len(done) < NUM_ROWS + 1 and not (out / "summary.json").exists()
+    done = done_ids(str(out), "parquet")  # committed or staged
+    assert 2 <= len(done) < NUM_ROWS + 1 and not (out / "_summary.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
 
     summary = run_job(*args, "output.mode=resume")
     assert content(str(out)) == clean
     assert summary["rows_reused"] == len(done) and summary["rows_out"] == NUM_ROWS + 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*") if p.name in before} == before  # untouched
-    assert json.loads((out / "summary.json").read_text())["rows_reused"] == len(done)
+    assert json.loads((out / "_summary.json").read_text())["rows_reused"] == len(done)
 
-    again = run_job(*args, "output.mode=resume")  # a finished job: no-op
-    assert again == json.loads((out / "summary.json").read_text())
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    again = run_job(*args, "output.mode=resume")  # a finished job: nothing new to run
+    assert (again["rows_new"], again["rows_reused"], again["rows_out"]) == (0, NUM_ROWS + 1, NUM_ROWS + 1)
     assert content(str(out)) == clean
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")} == files  # nothing rewritten
 
 
 # ---- output.mode ----------------------------------------------------------------------
@@ -242,7 +244,7 @@ def test_s3_transient_503s_are_retried(clean, src, moto_s3, tiny_model_dir):
         proxy.shutdown()
     assert proxy.failed >= 3, proxy.failed  # faults really happened, at reads, writes and the summary
     assert content("s3://flaky/out/") == clean
-    assert json.loads(fs.cat("flaky/out/summary.json"))["rows_out"] == summary["rows_out"] == NUM_ROWS + 1
+    assert json.loads(fs.cat("flaky/out/_summary.json"))["rows_out"] == summary["rows_out"] == NUM_ROWS + 1
 
 
 def test_s3_missing_bucket_fails_fast(src, moto_s3, tiny_model_dir, capsys):

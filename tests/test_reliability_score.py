@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from prepack_actor.job.output import finished_ids
+from prepack_actor.job.output import done_ids
 from prepack_actor.job.storage import read_output
 
 from conftest import _stop_cluster
@@ -85,7 +85,7 @@ def test_injected_oom_is_split_not_fatal(clean, src, tiny_model_dir, tmp_path):
 def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_dir, tmp_path):
     out, temp = tmp_path / "out", Path("/tmp") / f"rs{os.getpid()}"
     args = [f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
-            "packing.max_group_prompts=1", *COMMON]
+            "packing.max_group_prompts=1", "output.rows_per_file=2", *COMMON]  # files committed as it runs
     proc = subprocess.Popen([sys.executable, "-c", driver_script("score"), str(temp), *args], cwd=REPO,
                             start_new_session=True, env=dict(os.environ, PREPACK_FAULT_DELAY_S="0.3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,12 +98,12 @@ def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_d
         proc.wait(timeout=30)
     finally:
         _stop_cluster(temp)
-    done = finished_ids(str(out), "parquet")
-    assert 2 <= len(done) < NUM_ROWS + 1 and not (out / "summary.json").exists()
+    done = done_ids(str(out), "parquet")  # committed or staged
+    assert 2 <= len(done) < NUM_ROWS + 1 and not (out / "_summary.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
 
     summary = run_job(*args, "output.mode=resume")
     assert content(str(out)) == clean
     assert summary["rows_reused"] == len(done) and summary["rows_out"] == NUM_ROWS + 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*") if p.name in before} == before  # untouched
-    assert json.loads((out / "summary.json").read_text())["rows_reused"] == len(done)
+    assert json.loads((out / "_summary.json").read_text())["rows_reused"] == len(done)

@@ -128,4 +128,4 @@ def test_job_through_ray_data(tiny_model_dir, tmp_path, ray_local):
     assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in judged) / len(judged))
     assert summary["accuracy_norm"] == pytest.approx(sum(r["correct_norm"] for r in judged) / len(judged))
     assert summary["errors_by_kind"]["bad_choices"] == 4
-    assert json.loads((out / "summary.json").read_text())["accuracy"] == summary["accuracy"]
+    assert json.loads((out / "_summary.json").read_text())["accuracy"] == summary["accuracy"]

@@ -86,13 +86,19 @@ class InputConfig:
 
 @dataclass
 class OutputConfig:
-    path: str = "outputs/generate"  # output dir, local or URL; summary.json goes beside the shards
+    path: str = "outputs/generate"  # output dir, local or URL; _summary.json goes beside the shards
     format: str = "parquet"  # parquet | jsonl
-    mode: str = "resume"  # resume (finish an interrupted run; finished = no-op) | overwrite | error_if_exists
+    mode: str = "resume"  # resume (run only ids not yet written) | overwrite | error_if_exists
+    rows_per_file: int = 20000  # rows per data file, >= 0 (0 = by size only); the last file holds the rest
+    file_mb: float = 128.0  # a data file is cut at about this many MB of staged output, >= 0 (0 = by rows only)
 
     def __post_init__(self):
         _choice("output.format", self.format, ("parquet", "jsonl"))
         _choice("output.mode", self.mode, ("error_if_exists", "overwrite", "resume"))
+        _at_least("output.rows_per_file", self.rows_per_file, 0)
+        _at_least("output.file_mb", self.file_mb, 0)
+        if not self.rows_per_file and not self.file_mb:
+            raise ConfigError("output.rows_per_file, output.file_mb: expected at least one of them > 0, got 0 and 0")
         if not self.path:
             raise ConfigError("output.path: expected a directory or URL, got ''")
 
@@ -315,5 +321,5 @@ def usage(default_yaml_path: str | Path | None) -> str:
 
 
 def to_dict(cfg) -> dict:
-    """The resolved config as plain data (for summary.json)."""
+    """The resolved config as plain data (for _summary.json)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -23,8 +23,8 @@ class GenerateTask(Task):
         ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()),
         ("error", pa.string()), ("error_kind", pa.string())])
     summary_columns = ("num_generated_tokens",)
-    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_ok", "rows_error", "errors_by_kind",
-                "tokens_in", "tokens_out", "wall_s", "tokens_out_per_s", "mean_pack_efficiency")
+    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
+                "tokens_in", "tokens_out", "wall_s", "tokens_out_per_s", "mean_pack_efficiency", "files_written", "first_file_s")
     job_keys = ("model", "input", "sampling", "prompts")
     sample = "sample_prompts.jsonl"
 

@@ -1,23 +1,18 @@
-"""Output modes, resume and exactly-once part files.
+"""Output modes and incremental resume.
 
     state = prepare_output(path, storage, mode="resume", fmt="parquet", job_info={...})
-    state.complete            # summary of a finished job: a re-run is a no-op
-    state.done_ids            # ids already written by an earlier, interrupted run
+    state.done_ids            # ids already in the output (data files and staged groups)
+    state.staged              # staging files of an interrupted run: commit them first
     ds = skip_done(ds, state.done_ids)          # resume: by id
-    write_rows(ds, path, "parquet", storage)    # atomic part files named by their ids
 
-Exactly once: every output file holds one group's rows and is named by a hash of their
-ids (`part-<sha1>.parquet`), written atomically (storage.write_table_atomic). A group
-that Ray retries (actor restart, task retry) rewrites the same name with the same rows,
-so it can never appear twice. A resumed run skips the ids found in finished files, so
-its new groups hold only other ids. The files themselves are the manifest.
-
-`_job.json` (written first, beside the outputs) records the settings that decide the
-rows' content; resume refuses to mix outputs of a different config.
+Resume is incremental: a re-run processes exactly the ids not yet written, whether the
+earlier run finished or not (an input that gained rows gets only the new ones). The files
+themselves are the manifest (writer.py has the commit protocol). `_job.json` (written
+before any work, beside the outputs) records the settings that decide the rows' content;
+resume refuses to mix outputs of a different config and names each differing key.
 """
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from dataclasses import dataclass, field
 
@@ -25,7 +20,8 @@ import pyarrow as pa
 
 from .config import StorageConfig
 from .read import JobError
-from .storage import SUMMARY_NAME, filesystem, is_local, read_json, read_output, write_json, write_table_atomic
+from .storage import SUMMARY_NAME, filesystem, is_local, read_json, read_output, read_table, write_json
+from .writer import staged_files
 
 MODES = ("error_if_exists", "overwrite", "resume")
 JOB_INFO_NAME = "_job.json"
@@ -33,8 +29,10 @@ JOB_INFO_NAME = "_job.json"
 
 @dataclass
 class OutputState:
-    done_ids: set[str] = field(default_factory=set)  # ids in finished files of an earlier run
-    complete: dict | None = None  # the earlier run's summary when it finished (nothing to do)
+    done_ids: set[str] = field(default_factory=set)  # ids already in the output (committed or staged)
+    committed: set[str] = field(default_factory=set)  # ids in data files
+    staged: list[str] = field(default_factory=list)  # staging files of an interrupted run
+    finished_before: bool = False  # the earlier run had completed (its summary existed)
 
 
 def _join(path: str, name: str) -> str:
@@ -70,20 +68,44 @@ def _prepare_output(path: str, storage: StorageConfig | None, mode: str, fmt: st
         if old is None:
             raise JobError(f"output.path {path!r} is not empty and was not written by this job (no "
                               f"{JOB_INFO_NAME}); use output.mode=overwrite or another output.path")
-        if old is not None and job_info is not None and old != job_info:
-            diff = sorted(k for k in set(old) | set(job_info) if old.get(k) != job_info.get(k))
-            raise JobError(f"output.path {path!r} holds output of a different config ({', '.join(diff)} "
-                              "differ); use output.mode=overwrite or another output.path")
-        state.complete = read_json(_join(path, SUMMARY_NAME), storage)
-        if state.complete is not None:
-            return state
+        if job_info is not None and old != job_info:
+            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(old, job_info))
+            raise JobError(f"output.path {path!r} holds output of other settings ({diff}); "
+                           "use output.mode=overwrite or another output.path")
+        summary = _join(path, SUMMARY_NAME)
+        state.finished_before = read_json(summary, storage) is not None
+        if state.finished_before:  # rewritten at the end of this run, over all rows
+            fs.rm(filesystem(summary, storage)[1])
         if is_local(fs):  # temp files of writes cut short by the kill
             for p in fs.find(root):
                 if posixpath.basename(p).startswith("_tmp-"):
                     fs.rm(p)
-        state.done_ids = finished_ids(path, fmt, storage)
+        state.committed = finished_ids(path, fmt, storage)
+        state.staged = staged_files(path, storage)
+        state.done_ids = state.committed | _ids(state.staged, storage)
     write_json(job_info or {}, _join(path, JOB_INFO_NAME), storage)  # also probes write access
     return state
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every setting that differs."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _ids(files: list[str], storage: StorageConfig | None) -> set[str]:
+    return {i for f in files for i in read_table(f, "parquet", storage, ["id"]).column("id").to_pylist()}
+
+
+def done_ids(path: str, fmt: str, storage: StorageConfig | None = None) -> set[str]:
+    """Every id a resumed run will not redo: in data files, or in staged groups of a killed run."""
+    return finished_ids(path, fmt, storage) | _ids(staged_files(path, storage), storage)
 
 
 def finished_ids(path: str, fmt: str, storage: StorageConfig | None = None) -> set[str]:
@@ -91,24 +113,6 @@ def finished_ids(path: str, fmt: str, storage: StorageConfig | None = None) -> s
     for table in read_output(path, fmt, storage, ["id"]):
         ids.update(table.column("id").to_pylist())
     return ids
-
-
-def part_name(ids: list[str], fmt: str) -> str:
-    """A file name fixed by the set of ids it holds (so a retried group replaces itself)."""
-    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-    return f"part-{digest}.{fmt}"
-
-
-WRITTEN_SCHEMA = pa.schema([("file", pa.string()), ("num_rows", pa.int64())])
-
-
-def write_part_stage(batch: pa.Table, path: str, fmt: str, storage: StorageConfig | None) -> pa.Table:
-    """Ray Data stage (batch_size=None: one block = one group's rows): write it as one part."""
-    if batch.num_rows == 0:
-        return WRITTEN_SCHEMA.empty_table()
-    name = part_name([str(i) for i in batch.column("id").to_pylist()], fmt)
-    write_table_atomic(batch, _join(path, name), fmt, storage)
-    return pa.table({"file": [name], "num_rows": [batch.num_rows]}, schema=WRITTEN_SCHEMA)
 
 
 def skip_done_stage(batch: pa.Table, done_ids) -> pa.Table:
@@ -123,15 +127,3 @@ def skip_done(ds, done_ids: set[str]):
     """Resume: drop rows already written by an earlier run (by id)."""
     return ds.map_batches(skip_done_stage, batch_size=None, batch_format="pyarrow",
                           fn_kwargs=dict(done_ids=done_ids)) if done_ids else ds
-
-
-def write_rows(ds, path: str, fmt: str, storage: StorageConfig | None = None) -> int:
-    """One file per block (one per actor call), written atomically and named by its ids, so
-    a retried block replaces its own file (exactly once). Returns rows written.
-
-    Blocks are not combined into bigger files: blocks may differ in carried columns (a
-    column absent from a whole group), and one group per file is what makes retries safe.
-    """
-    written = ds.map_batches(write_part_stage, batch_size=None, batch_format="pyarrow",
-                             fn_kwargs=dict(path=path, fmt=fmt, storage=storage))
-    return sum(int(b["num_rows"].sum()) for b in written.iter_batches(batch_format="pandas", batch_size=None))

@@ -5,7 +5,7 @@
 
 Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume; dead
 actors are restarted and their groups redone; every group is one atomic file named by
-its ids, so each row is written exactly once; summary.json is written last, on success.
+its ids, so each row is written exactly once; _summary.json is written last, on success.
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ import ray  # noqa: E402
 
 from .config import to_dict  # noqa: E402
 from .faults import FaultPlan  # noqa: E402
-from .output import prepare_output, skip_done, write_rows  # noqa: E402
+from .output import prepare_output, skip_done  # noqa: E402
 from .read import JobError, list_shards, read_rows, start_ray  # noqa: E402
 from .stage import Processor  # noqa: E402
 from .storage import SUMMARY_NAME, read_output, write_json  # noqa: E402
 from .summary import SummaryAccumulator, format_table  # noqa: E402
 from .task import make_task  # noqa: E402
+from .writer import Committer, stage_stage  # noqa: E402
 
 
 def run(cfg, dry_run: bool = False) -> dict | None:
@@ -40,15 +41,17 @@ def run(cfg, dry_run: bool = False) -> dict | None:
         return dry_run_rows(fs, shards, processor, cfg.input.limit)
     start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray; checks the pool fits
     job_info = {k: v for k, v in to_dict(cfg).items() if k in task.job_keys}
+    job_info["input"].pop("limit", None)  # a try-out on the first rows may be continued in full
     job_info["output_format"] = cfg.output.format  # resume refuses outputs of other settings
     state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format, job_info)
-    if state.complete is not None:
-        print(f"output.path {cfg.output.path!r} is already complete ({state.complete.get('rows_out')} rows, "
-              f"{SUMMARY_NAME} present): nothing to do")
-        return state.complete
     if state.done_ids:
-        print(f"resuming: {len(state.done_ids)} rows already written under {cfg.output.path!r}")
+        print(f"resuming: {len(state.done_ids)} rows already written under {cfg.output.path!r} "
+              f"({'a finished run' if state.finished_before else 'an interrupted run'}); only other ids run")
     t0 = time.perf_counter()
+    out = cfg.output
+    committer = Committer(out.path, out.format, cfg.storage, out.rows_per_file, out.file_mb, state.committed)
+    for f in state.staged:  # finished groups of an interrupted run: commit them first
+        committer.add(f)
 
     # 2. Read: one task per shard, every line or record becomes a row (bad ones carry `error`).
     ds, counter = read_rows(fs, shards)
@@ -60,8 +63,16 @@ def run(cfg, dry_run: bool = False) -> dict | None:
     # 3. The stage: prepare (tokenize) -> length-aware groups -> actor pool (stage.py).
     ds = processor.run_parsed(ds)
 
-    # 4. Write (streams through the whole pipeline): one atomic file per group, named by its ids.
-    write_rows(ds, cfg.output.path, cfg.output.format, cfg.storage)
+    # 4. Write while it runs: each group is staged by a task, the driver commits files of
+    #    output.rows_per_file rows / output.file_mb as groups finish (writer.py: exactly once).
+    ds = ds.map_batches(stage_stage, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs=dict(path=out.path, storage=cfg.storage))
+    progress = Progress()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for f, size in zip(batch.column("file").to_pylist(), batch.column("num_bytes").to_pylist()):
+            committer.add(f, size)
+        progress.update(committer)
+    committer.finish()
     wall_s = time.perf_counter() - t0
 
     # 5. Summary: read back only the small columns of what was written.
@@ -72,12 +83,30 @@ def run(cfg, dry_run: bool = False) -> dict | None:
     rows_in = min(rows_in, cfg.input.limit) if cfg.input.limit else rows_in
     summary = acc.finish(task, rows_in=rows_in, wall_s=wall_s, model=cfg.model.path,
                          model_path=processor.model_path, input=input_path, output=cfg.output.path,
-                         num_shards=len(shards), rows_reused=len(state.done_ids), config=to_dict(cfg))
+                         num_shards=len(shards), rows_reused=len(state.done_ids),
+                         rows_new=acc.rows_out - len(state.done_ids), files_written=committer.files_written,
+                         first_file_s=committer.first_file_s, config=to_dict(cfg))
     print(format_table(summary, task.headline))
-    if summary["rows_out"] != rows_in:  # no summary.json: the output is not a finished job
+    if summary["rows_out"] != rows_in:  # no _summary.json: the output is not a finished job
         raise JobError(f"rows out ({summary['rows_out']}) != rows in ({rows_in})")
     write_json(summary, f"{cfg.output.path.rstrip('/')}/{SUMMARY_NAME}", cfg.storage)  # last, atomic
     return summary
+
+
+class Progress:
+    """One line every `every_s` seconds: rows committed, files, rows/s (Ray's own bar counts blocks)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.t0 = every_s, time.perf_counter()
+        self.last = self.t0
+
+    def update(self, committer: Committer) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rows = committer.rows_written + committer._pending_rows()
+            print(f"progress: {rows} rows done, {committer.rows_written} in {committer.files_written} files, "
+                  f"{rows / (now - self.t0):.1f} rows/s", flush=True)
 
 
 def dry_run_rows(fs, shards, processor: Processor, limit: int = 0, n: int = 5) -> None:

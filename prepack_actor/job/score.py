@@ -21,9 +21,9 @@ class ScoreTask(Task):
         ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()),
         ("error", pa.string()), ("error_kind", pa.string())])
     summary_columns = ("correct", "correct_norm", "prefill_s")
-    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_ok", "rows_error", "errors_by_kind",
+    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
                 "judged", "accuracy", "accuracy_norm", "tokens_in", "wall_s", "tokens_per_s",
-                "prefill_tokens_per_s", "mean_pack_efficiency")
+                "prefill_tokens_per_s", "mean_pack_efficiency", "files_written", "first_file_s")
     job_keys = ("model", "input", "scoring")
     sample = "sample_scoring.jsonl"
 

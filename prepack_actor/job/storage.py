@@ -2,7 +2,7 @@
 
     fs, root = filesystem("s3://bucket/out/", storage)   # S3 retries from storage.max_attempts
     write_table_atomic(table, "s3://bucket/out/part-ab12.parquet", "parquet", storage)
-    write_json(summary, "s3://bucket/out/summary.json", storage)       # atomic too
+    write_json(summary, "s3://bucket/out/_summary.json", storage)       # atomic too
     for table in read_output("s3://bucket/out/", "parquet", storage, columns=[...]): ...
 
 Atomicity: a local file is written under a temporary name (`_tmp-...`, which no reader
@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from .config import StorageConfig
 
-SUMMARY_NAME = "summary.json"  # written beside the output shards, last; never read as one
+SUMMARY_NAME = "_summary.json"  # written beside the output shards, last; never read as one
 EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}
 
 
@@ -54,12 +54,12 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None) -> None:
-    """Write a whole file so that no reader sees it half written (see module doc)."""
+def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None) -> int:
+    """Write a whole file so that no reader sees it half written (see module doc); returns its size."""
     fs, root = filesystem(path, storage)
     if not is_local(fs):
         fs.pipe_file(root, data)  # one PUT (or multipart upload): atomic per object
-        return
+        return len(data)
     fs.makedirs(posixpath.dirname(root), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(root), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(root)}.part")
     with open(tmp, "wb") as fh:
@@ -67,6 +67,7 @@ def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = N
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, root)  # atomic on POSIX; a retried writer of the same name just replaces it
+    return len(data)
 
 
 def table_bytes(table: pa.Table, fmt: str) -> bytes:
@@ -80,36 +81,44 @@ def table_bytes(table: pa.Table, fmt: str) -> bytes:
     return "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()).encode()
 
 
-def write_table_atomic(table: pa.Table, path: str, fmt: str, storage: StorageConfig | None = None) -> None:
-    write_bytes_atomic(table_bytes(table, fmt), path, storage)
+def write_table_atomic(table: pa.Table, path: str, fmt: str, storage: StorageConfig | None = None) -> int:
+    return write_bytes_atomic(table_bytes(table, fmt), path, storage)
 
 
 def output_files(path: str, fmt: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """Finished data files under path: not summary.json, not `_`/`.` names (temp, job info)."""
+    """Data files under path: nothing under a `_`/`.` name (metadata, staging, temp files), as
+    pandas, pyarrow.dataset, Spark and Ray Data skip them too."""
     fs, root = filesystem(path, storage)
     if not fs.exists(root):
         return fs, []
+    root = root.rstrip("/")
     return fs, sorted(p for p in fs.find(root) if p.endswith(EXTENSIONS[fmt])
-                      and not posixpath.basename(p).startswith(("_", ".")) and posixpath.basename(p) != SUMMARY_NAME)
+                      and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/")))
+
+
+def read_table(path: str, fmt: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
+               fs=None) -> pa.Table:
+    """One output file as a pyarrow table (only `columns` when given)."""
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+    if fs is None:
+        fs, path = filesystem(path, storage)
+    with fs.open(path, "rb") as fh:
+        if fmt == "parquet":
+            return pq.read_table(fh, columns=columns)
+        table = pajson.read_json(fh)
+        return table.select(columns) if columns else table
 
 
 def read_output(path: str, fmt: str, storage: StorageConfig | None = None, columns: list[str] | None = None):
-    """Iterate a job's output as pyarrow tables, one per file (only `columns` when given)."""
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
+    """Iterate a job's output as pyarrow tables, one per data file (only `columns` when given)."""
     fs, files = output_files(path, fmt, storage)
     for f in files:
-        with fs.open(f, "rb") as fh:
-            if fmt == "parquet":
-                table = pq.read_table(fh, columns=columns)
-            else:
-                table = pajson.read_json(fh)
-                table = table.select(columns) if columns else table
-        yield table
+        yield read_table(f, fmt, storage, columns, fs=fs)
 
 
 def write_json(obj: dict, path: str, storage: StorageConfig | None = None) -> None:
-    """A JSON file written atomically (summary.json is written this way, last)."""
+    """A JSON file written atomically (_summary.json is written this way, last)."""
     write_bytes_atomic(json.dumps(obj, indent=2, default=str).encode(), path, storage)
 
 
