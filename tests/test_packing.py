@@ -45,9 +45,12 @@ def test_ffd_rows_match_binpacking_count_and_bound(lengths):
     rows = ffd(lengths, capacity)
     lower = math.ceil(sum(lengths) / capacity)
     theirs = binpacking.to_constant_volume(lengths, capacity)
-    # FFD guarantees <= 11/9 OPT + 6/9; binpacking (least-loaded first) is no better.
+    # binpacking (least-loaded first) is no better.
     assert lower <= len(rows) <= len(theirs) + 1
-    assert len(rows) <= 11 / 9 * lower + 1
+    # First fit leaves at most one row half empty or less (a later item would have gone there),
+    # so rows <= ceil(2 * total / capacity). (11/9 OPT + 6/9 bounds FFD by OPT, not by this lower
+    # bound: [12, 20, 20, 20, 20, 31] needs 6 rows with a lower bound of 4.)
+    assert len(rows) <= math.ceil(2 * sum(lengths) / capacity)
 
 
 def test_ffd_packs_100k_prompts():

@@ -3,9 +3,9 @@
     summary = run(cfg)               # cfg: GenerateConfig | ScoreJobConfig (conf/*.yaml); JobError on failure
     run(cfg, dry_run=True)           # preflight, then prepare and print the first rows; writes nothing
 
-Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume; dead
-actors are restarted and their groups redone; every group is one atomic file named by
-its ids, so each row is written exactly once; _summary.json is written last, on success.
+Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume (only ids
+not yet written run); dead actors are restarted and their groups redone; groups are staged,
+then committed into sized data files exactly once (writer.py); _summary.json comes last.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from importlib import resources
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in forked Ray workers
 import ray  # noqa: E402
 
-from .config import to_dict  # noqa: E402
+from .config import ConfigError, to_dict  # noqa: E402
 from .faults import FaultPlan  # noqa: E402
 from .output import prepare_output, skip_done  # noqa: E402
 from .read import JobError, list_shards, read_rows, start_ray  # noqa: E402
@@ -34,13 +34,18 @@ def run(cfg, dry_run: bool = False) -> dict | None:
     fs, shards = list_shards(input_path, cfg.input.format, cfg.storage)
     try:
         processor = Processor(pcfg, faults=FaultPlan.from_env())  # test-only faults (PREPACK_FAULT_*), off by default
+    except ConfigError as e:  # e.g. packing.memory_budget_gb too small for this model
+        raise JobError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - e.g. a missing or broken checkpoint
         raise JobError(_model_error(cfg, e)) from None
     task = processor.task
     if dry_run:
         return dry_run_rows(fs, shards, processor, cfg.input.limit)
     start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray; checks the pool fits
-    job_info = {k: v for k, v in to_dict(cfg).items() if k in task.job_keys}
+    settings = to_dict(cfg)
+    job_info = {k: v for k, v in settings.items() if k in task.job_keys}
+    if task.name == "score":  # a pair wider than a row is an error row: the capacity decides content
+        job_info["packing.pack_capacity"] = settings["packing"]["pack_capacity"]
     job_info["input"].pop("limit", None)  # a try-out on the first rows may be continued in full
     job_info["output_format"] = cfg.output.format  # resume refuses outputs of other settings
     state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format, job_info)

@@ -26,7 +26,7 @@ import ray
 
 from ..models import load_tokenizer, resolve_model_path
 from .actor import PrepackActor
-from .config import ProcessorConfig
+from .config import ConfigError, ProcessorConfig
 from .faults import FaultPlan
 from .oom import token_budget_for_memory
 from .rows import (GROUP_SCHEMA, PREPARED_SCHEMA, make_groups, parse_record, rows_to_table, table_to_rows)
@@ -85,7 +85,10 @@ class Processor:
         load_tokenizer(self.model_path)  # fails here, before any work, on an unreadable model
         packing = config.packing
         if packing.memory_budget_gb:
-            packing = replace(packing, max_group_tokens=memory_token_budget(config, self.model_path))
+            try:
+                packing = replace(packing, max_group_tokens=memory_token_budget(config, self.model_path))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             print(f"packing.max_group_tokens = {packing.max_group_tokens} "
                   f"(from packing.memory_budget_gb={config.packing.memory_budget_gb})")
         self.config = replace(config, model=model, packing=packing)
