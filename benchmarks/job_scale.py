@@ -84,8 +84,8 @@ def main() -> None:
     files = sorted(Path(out).glob("part-*"))
     rows = [pq.read_metadata(f).num_rows for f in files]
     sizes = [f.stat().st_size / 2**20 for f in files]
-    print(f"| rows | wall s | rows/s | first file s | driver peak MiB | session peak MiB | files | rows/file | MB/file |")
-    print(f"| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| rows | wall s | rows/s | first file s | driver peak MiB | session peak MiB | files | rows/file | MB/file |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     print(f"| {summary['rows_out']} | {wall:.1f} | {summary['rows_out'] / wall:.0f} | {summary['first_file_s']:.1f} "
           f"({summary['first_file_s'] / summary['wall_s']:.0%} of the run) | {driver_peak / 2**20:.0f} | "
           f"{mem.peak / 2**20:.0f} | {len(files)} | {min(rows)}-{max(rows)} | "

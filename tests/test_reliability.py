@@ -5,7 +5,6 @@ id (text, finish reason, token counts, error kind), and that no id appears twice
 clean run samples (temperature > 0, per-row seeds), so equality also proves that outputs
 do not depend on how rows were grouped, packed, split or retried.
 """
-import contextlib
 import http.client
 import json
 import os
