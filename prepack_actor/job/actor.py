@@ -9,7 +9,8 @@ input row (task.output_row). Error rows pass through without touching the model.
 the model fails on is halved and retried (oom.run_splitting) until the failure is one
 row's: out of memory -> an `out_of_memory` row, any other exception -> an `engine_error`
 row; the other rows of the group are unaffected. `faults` is the test-only fault plan
-(faults.FaultPlan.to_dict()), None in normal runs.
+(faults.FaultPlan.to_dict()), None in normal runs. `stage_to` (the job) writes each group's
+rows to the output's staging folder and returns the staged file instead of the rows.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .faults import FaultPlan
 from .oom import is_oom, run_splitting
 from .rows import unpack_group
 from .task import make_task
+from .writer import stage_stage
 
 
 def actor_device(device: str, gpus_per_actor: float) -> str:
@@ -30,7 +32,7 @@ def actor_device(device: str, gpus_per_actor: float) -> str:
 
 
 class PrepackActor:
-    def __init__(self, config: ProcessorConfig, faults: dict | None = None):
+    def __init__(self, config: ProcessorConfig, faults: dict | None = None, stage_to: dict | None = None):
         if config.actors.torch_threads:
             torch.set_num_threads(config.actors.torch_threads)
         m = config.model
@@ -40,6 +42,7 @@ class PrepackActor:
         self.task = make_task(config)
         self.runner = self.task.runner(model, tokenizer, config.packing)
         self.faults = FaultPlan(**faults) if faults else FaultPlan()
+        self.stage_to = stage_to  # the job: stage each group's rows here (writer.py) and return the file
         self.groups_done = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -48,7 +51,10 @@ class PrepackActor:
             self.faults.before_group(self.groups_done)
             out.extend(self.run_group(unpack_group(blob)))
             self.groups_done += 1
-        return self.task.to_table(out)
+        table = self.task.to_table(out)
+        # Staged here, not by a task after the pool: on a busy cluster such a task waits for a CPU
+        # behind the tokenize tasks, and no file reaches storage until the input is read.
+        return stage_stage(table, **self.stage_to) if self.stage_to else table
 
     def run_group(self, rows: list[dict]) -> list[dict]:
         """Run the runnable rows of one group; error rows pass through."""

@@ -24,7 +24,7 @@ from .stage import Processor  # noqa: E402
 from .storage import SUMMARY_NAME, read_output, write_json  # noqa: E402
 from .summary import SummaryAccumulator, format_table  # noqa: E402
 from .task import make_task  # noqa: E402
-from .writer import Committer, stage_stage  # noqa: E402
+from .writer import Committer  # noqa: E402
 
 
 def run(cfg, dry_run: bool = False) -> dict | None:
@@ -66,12 +66,9 @@ def run(cfg, dry_run: bool = False) -> dict | None:
     ds = skip_done(ds, state.done_ids)  # resume: rows already in finished files are not redone
 
     # 3. The stage: prepare (tokenize) -> length-aware groups -> actor pool (stage.py).
-    ds = processor.run_parsed(ds)
-
-    # 4. Write while it runs: each group is staged by a task, the driver commits files of
+    # 4. Write while it runs: each actor stages its group's rows; the driver commits data files of
     #    output.rows_per_file rows / output.file_mb as groups finish (writer.py: exactly once).
-    ds = ds.map_batches(stage_stage, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs=dict(path=out.path, storage=cfg.storage))
+    ds = processor.run_parsed(ds, stage_to=dict(path=out.path, storage=cfg.storage))
     progress = Progress()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for f, size in zip(batch.column("file").to_pylist(), batch.column("num_bytes").to_pylist()):

@@ -103,9 +103,13 @@ class Processor:
         ds = self.run_parsed(ds)
         return ds.map(self.postprocess) if self.postprocess is not None else ds
 
-    def run_parsed(self, ds):
-        """Parsed rows (rows.ROW_SCHEMA) -> output rows; the jobs enter here (they parse shards)."""
+    def run_parsed(self, ds, stage_to: dict | None = None):
+        """Parsed rows (rows.ROW_SCHEMA) -> output rows; the jobs enter here (they parse shards)
+        with stage_to=dict(path=..., storage=...): then out come staged files (writer.py)."""
         p = self.config.packing
+        # Small blocks: a large shard is tokenized by many tasks, and groups reach the actors
+        # (and files the storage) while the rest is still being read.
+        ds = ds.repartition(target_num_rows_per_block=256)
         ds = ds.map_batches(prepare_stage, batch_size=256, batch_format="pyarrow",
                             fn_kwargs=dict(task=self.task, model_path=self.model_path))
         if p.global_sort:
@@ -115,7 +119,7 @@ class Processor:
         ds = ds.repartition(target_num_rows_per_block=1)  # one group per block: spreads groups over actors
         # One group per call; the model loads once per actor.
         return ds.map_batches(PrepackActor, batch_size=1, batch_format="pyarrow", **actor_pool(self.config.actors),
-                              fn_constructor_kwargs=dict(config=self.config,
+                              fn_constructor_kwargs=dict(config=self.config, stage_to=stage_to,
                                                          faults=self.faults.to_dict() if self.faults else None))
 
 
