@@ -8,8 +8,9 @@ from importlib import import_module
 
 _EXPORTS = {
     "PackedBatch": "core.packing", "ffd": "core.packing", "pack": "core.packing",
-    "SamplingParams": "core.sampling",
-    "Engine": "engine", "EngineConfig": "engine", "GenerationResult": "engine",
+    "SamplingParams": "core.params",
+    "Engine": "engine", "EngineConfig": "engine", "GenerationResult": "engine", "Completion": "engine",
+    "Logprob": "core.sampling",
     "InputError": "inputs", "ItemError": "inputs", "PromptError": "inputs",
     "ModelLoadError": "models", "load_model": "models",
     "ScoreConfig": "scoring", "ScoreResult": "scoring", "Scorer": "scoring", "score": "scoring",

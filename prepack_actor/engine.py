@@ -7,7 +7,7 @@ The main loop per group reads like nano-vllm's step: pack, prefill, unpack, deco
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -17,7 +17,7 @@ from .core.decode import decode
 from .core.forward import last_token_logits
 from .core.grouping import GroupConfig
 from .core.packing import pack
-from .core.sampling import Sampler, SamplingParams
+from .core.sampling import Logprob, Sampler, SamplingParams, expand
 from .inputs import Prompt, encode_prompts
 from .models import ModelRunner
 
@@ -28,12 +28,23 @@ class EngineConfig(GroupConfig):
 
 
 @dataclass
+class Completion:
+    """One of a prompt's n completions (vLLM's CompletionOutput)."""
+    index: int  # 0 .. n-1; sequence i is seeded by sampling.sequence_seeds(seed, n)[i]
+    text: str  # generated text, special tokens skipped, without the stop string or stop token
+    token_ids: list[int]  # generated token ids (the EOS or stop token id that ended it included)
+    finish_reason: str  # "stop" (EOS, stop token id or stop string) | "length" (max_new_tokens)
+    stop_reason: str | int | None  # the stop string or stop token id that ended it; None otherwise (EOS too)
+    logprobs: list[dict[int, Logprob]] | None  # per token: chosen token first, then the top k (when asked)
+
+
+@dataclass
 class GenerationResult:
-    text: str  # generated text, special tokens skipped, cut before a stop string
-    token_ids: list[int]  # generated token ids (EOS included when it ended the prompt)
-    finish_reason: str  # "stop" (EOS or stop string) | "length" (max_new_tokens)
+    text: str  # outputs[0].text: generated text, special tokens skipped, cut before a stop string
+    token_ids: list[int]  # outputs[0].token_ids (EOS included when it ended the prompt)
+    finish_reason: str  # outputs[0].finish_reason: "stop" (EOS, stop id or string) | "length"
     num_input_tokens: int
-    num_generated_tokens: int
+    num_generated_tokens: int  # over all n completions
     prefill_s: float  # forward pass over the group's packed rows
     ttft_s: float  # group start (packing included) to this prompt's first token
     decode_s: float  # first token to this prompt's last token
@@ -41,23 +52,35 @@ class GenerationResult:
     pack_prompts: int  # prompts in the group (rows before packing)
     pack_rows: int  # packed rows after packing
     pack_efficiency: float  # real tokens / packed slots, in (0, 1]
+    stop_reason: str | int | None = None  # outputs[0].stop_reason
+    logprobs: list[dict[int, Logprob]] | None = None  # outputs[0].logprobs
+    outputs: list[Completion] = field(default_factory=list)  # all n completions (SamplingParams.n)
 
 
 class StopChecker:
-    """EOS ids and stop strings; decodes text only for prompts that have stop strings."""
+    """EOS ids, stop token ids and stop strings, none before min_tokens (vLLM's rules);
+    decodes text only for sequences that have stop strings."""
 
     def __init__(self, tokenizer, eos_ids: set[int]):
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
 
-    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None]:
+    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None, str | int | None]:
+        """-> (stopped, char offset of the stop string or None, stop reason)."""
+        if len(tokens) <= params.min_tokens:
+            return False, None, None
         if not params.ignore_eos and tokens[-1] in self.eos_ids:
-            return True, None
+            return True, None, None
+        if tokens[-1] in params.stop_token_ids:
+            return True, None, tokens[-1]
         if params.stop:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            hits = [text.find(s) for s in params.stop if s in text]
+            # Only a stop string that ends after the first min_tokens tokens counts (vLLM).
+            after = len(self.tokenizer.decode(tokens[:params.min_tokens], skip_special_tokens=True)) \
+                if params.min_tokens else 0
+            hits = [(i, s) for s in params.stop if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
             if hits:
-                return True, min(hits)
-        return False, None
+                return True, *min(hits)
+        return False, None, None
 
 
 class Engine(ModelRunner):
@@ -100,31 +123,51 @@ class Engine(ModelRunner):
         return results  # type: ignore[return-value]
 
     def generate_group(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
-        """Pack, prefill, unpack, decode one group of encoded prompts."""
+        """Pack, prefill, unpack, decode one group of encoded prompts.
+
+        A prompt with n > 1 is prefilled once; its cache row is copied for its n sequences."""
         t0 = self.now()
         packed = pack(ids, self.config.pack_capacity, self.pad_id)
         t_packed = self.now()
         logits, cache = last_token_logits(self.model, packed)  # [P, V]
         t_prefilled = self.now()
-        cache, attention_mask = kv_cache.unpack(cache, packed, room=max(p.max_new_tokens for p in params) - 1)
-        sampler = Sampler(params, self.device)
-        first = sampler(logits)
+        seqs, prompt_of = expand(params)  # one SamplingParams per sequence
+        index = torch.tensor(prompt_of) if len(seqs) > len(params) else None  # [S] prompt of each sequence
+        cache, attention_mask = kv_cache.unpack(cache, packed, room=max(p.max_new_tokens for p in params) - 1,
+                                                index=index)
+        sampler = Sampler(seqs, self.device, [ids[p] for p in prompt_of], self.stops.eos_ids)
+        first = sampler(logits if index is None else logits[index.to(logits.device)])
         t_first = self.now()
-        decoded = decode(self.model, cache, attention_mask, packed.length, first, sampler, params,
-                         lambda p, tokens: self.stops.check(tokens, params[p]), self.sync)
+        lengths = packed.length if index is None else packed.length[index]
+        decoded = decode(self.model, cache, attention_mask, lengths, first, sampler, seqs,
+                         lambda s, tokens: self.stops.check(tokens, seqs[s]), self.sync)
         overhead = (t_packed - t0) + (t_first - t_prefilled)
+        by_prompt: list[list[Completion]] = [[] for _ in ids]
+        finished = [t_first] * len(ids)
+        for s, (p, d) in enumerate(zip(prompt_of, decoded)):
+            by_prompt[p].append(self.completion(len(by_prompt[p]), d))
+            finished[p] = max(finished[p], d.finished_at)
         out = []
-        for p, d in enumerate(decoded):
-            text = self.tokenizer.decode(d.token_ids, skip_special_tokens=True)
-            if d.stop_at is not None:
-                text = text[: d.stop_at]
+        for p, outputs in enumerate(by_prompt):
+            c = outputs[0]
             out.append(GenerationResult(
-                text=text, token_ids=d.token_ids, finish_reason=d.finish_reason,
-                num_input_tokens=len(ids[p]), num_generated_tokens=len(d.token_ids),
+                text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
+                num_input_tokens=len(ids[p]), num_generated_tokens=sum(len(o.token_ids) for o in outputs),
                 prefill_s=t_prefilled - t_packed, ttft_s=t_first - t0,
-                decode_s=max(0.0, d.finished_at - t_first), overhead_s=overhead,
-                pack_prompts=len(ids), pack_rows=packed.num_rows, pack_efficiency=packed.efficiency))
+                decode_s=max(0.0, finished[p] - t_first), overhead_s=overhead,
+                pack_prompts=len(ids), pack_rows=packed.num_rows, pack_efficiency=packed.efficiency,
+                stop_reason=c.stop_reason, logprobs=c.logprobs, outputs=outputs))
         return out
+
+    def completion(self, index: int, d) -> Completion:
+        """A decoded sequence -> its Completion: text without the stop token (vLLM) or stop string."""
+        tokens = d.token_ids
+        if d.finish_reason == "stop" and d.stop_at is None:  # ended by EOS or a stop token id
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if d.stop_at is not None:
+            text = text[: d.stop_at]
+        return Completion(index, text, d.token_ids, d.finish_reason, d.stop_reason, d.logprobs)
 
 
 def _per_prompt(sampling, n: int) -> list[SamplingParams]:

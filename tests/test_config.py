@@ -34,7 +34,7 @@ def test_overrides_and_config_file(tmp_path):
     (["sampling.max_tokens=3"], "sampling.max_tokens"),
     (["nope=1"], "nope"),
     (["sampling.max_new_tokens=abc"], "sampling.max_new_tokens"),
-    (["sampling.max_new_tokens=0"], "sampling.max_new_tokens: expected a number >= 1"),
+    (["sampling.max_new_tokens=0"], "sampling.max_new_tokens: expected an int >= 1"),
     (["output.format=csv"], "output.format: expected one of parquet, jsonl"),
     (["sampling.top_p=2"], "sampling.top_p"),
     (["--config", "/no/such.yaml"], "no such file"),

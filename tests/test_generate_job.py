@@ -73,17 +73,19 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
     # Ids as given or derived; carried columns unchanged (nested ones too).
     assert set(good) == {"p0", "a.jsonl:2", "chat0", "p3", "pq0", "pq1"}
     assert rows["p0"]["topic"] == "sea" and rows["p0"]["meta"] == {"n": 1} and rows["pq1"]["meta"] == {"n": 6}
-    assert rows["chat0"]["messages"] == MESSAGES and rows["chat0"]["prompt"] is None
-
-    # Greedy outputs equal the engine run on each prompt alone (chat via the template).
+    # Greedy outputs equal the engine run on each prompt alone (chat via the template, whose
+    # text is the chat row's `prompt`); error rows keep their input prompt.
     tok, _ = load_tokenizer(model_dir)
     chat_text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert rows["chat0"]["messages"] == MESSAGES and rows["chat0"]["prompt"] == chat_text
+    assert rows["int-prompt"]["prompt"] == "42" and rows["bad-msgs"]["messages"][0]["role"] == "user"
     texts = {k: (r["prompt"] or chat_text) for k, r in good.items()}
     limits = {k: 3 if k == "p3" else MAX_NEW for k in good}
     ref = expected_by_prompt(model_dir, list(texts.values()), list(limits.values()))
     for k, r in good.items():
         exp = ref[texts[k]]
         assert r["generated_text"] == exp.text and r["finish_reason"] == exp.finish_reason, k
+        assert r["generated_tokens"] == exp.token_ids and r["stop_reason"] is None and r["logprobs"] is None, k
         assert r["num_input_tokens"] == exp.num_input_tokens and r["num_generated_tokens"] == exp.num_generated_tokens
         assert 0 < r["pack_efficiency"] <= 1 and r["pack_rows"] >= 1 and r["ttft_s"] > 0 and r["prefill_s"] > 0
     assert rows["p3"]["num_generated_tokens"] <= 3

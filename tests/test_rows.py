@@ -32,7 +32,8 @@ def test_every_line_becomes_a_row_with_its_error():
         b'{"id": "a", "prompt": "hi there", "x": 1}', b"", b"{oops", b'{"prompt": 3}',
         b'{"prompt": "  "}', b'"just a string"', b'{"id": 7, "messages": [{"role": "user", "content": "q"}]}',
         b'{"prompt": "\xff"}', b'{"prompt": "ok", "max_new_tokens": 0}', b'{"topic": "none"}'])
-    rows = parse_jsonl_shard(data, "s.jsonl")
+    # Sampling values are checked by the task's prepare (SamplingParams), the rest at parse.
+    rows = tokenize_rows(parse_jsonl_shard(data, "s.jsonl"), FakeTok(), 100, 4, 0)
     kinds = [r["error_kind"] for r in rows]
     assert kinds == [None, "invalid_json", "bad_prompt", "empty_prompt", "not_an_object", None,
                      "invalid_utf8", "bad_field", "missing_prompt"]
@@ -41,6 +42,8 @@ def test_every_line_becomes_a_row_with_its_error():
     assert rows[5]["id"] == "7" and rows[5]["messages"][0]["content"] == "q"  # non-string id -> JSON text
     assert rows[6]["id"] == "s.jsonl:8" and "UTF-8" in rows[6]["error"]
     assert rows[2]["id"] == "s.jsonl:4"  # blank line 2 is skipped but still counted
+    assert rows[7]["error"] == "sampling_params.max_new_tokens: expected an int >= 1, got 0"
+    assert rows[7]["prompt"] == "ok" and rows[2]["prompt"] == "3"  # error rows keep their prompt
 
 
 def test_parquet_shard_and_corrupt_shard():

@@ -1,6 +1,8 @@
 """The decode loop: continue every prompt of a group from its left-padded cache.
 
-Text never enters here: `stopped(p, tokens)` is the caller's test for EOS and stop strings.
+Text never enters here: `stopped(s, tokens)` is the caller's test for EOS, stop token ids and
+stop strings. A batch row is a sequence: one per prompt, or n per prompt (`sampling.expand`)
+continuing copies of the prompt's cache (`kv_cache.unpack(..., index)`).
 
 Plain functions in the gpt-fast manner. Prompts leave the batch as they finish, and the
 left pad shared by all remaining prompts is cropped, so finished work costs nothing.
@@ -14,42 +16,46 @@ from typing import Callable
 import torch
 
 from . import kv_cache
-from .sampling import Sampler, SamplingParams
+from .sampling import Logprob, Sampler, SamplingParams, Step
 
 
 @dataclass
 class Decoded:
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS, a stop token id or a stop string) or "length"
     stop_at: int | None  # char offset where a stop string begins in the decoded text
-    finished_at: float  # perf_counter() when the prompt finished
+    stop_reason: str | int | None  # the stop string or stop token id that matched (vLLM); None for EOS
+    finished_at: float  # perf_counter() when the sequence finished
+    logprobs: list[dict[int, Logprob]] | None = None  # one per token, when asked
 
 
 @torch.inference_mode()
 def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
-           first: torch.Tensor, sampler: Sampler, params: list[SamplingParams],
-           stopped: Callable[[int, list[int]], tuple[bool, int | None]], sync=lambda: None) -> list[Decoded]:
-    """Generate from a batched cache.
+           first: Step, sampler: Sampler, params: list[SamplingParams],
+           stopped: Callable[[int, list[int]], tuple[bool, int | None, str | int | None]],
+           sync=lambda: None) -> list[Decoded]:
+    """Generate from a batched cache, one row per sequence.
 
-    attention_mask: [P, Lmax] (0 = left pad), lengths: [P] prompt lengths,
-    first: [P] the token sampled from the prefill logits. stopped(p, tokens) -> (stopped,
-    char offset of a stop string or None) for prompt p after each new token.
+    attention_mask: [S, Lmax] (0 = left pad), lengths: [S] prompt lengths, first: the step
+    sampled from the prefill logits. stopped(s, tokens) -> (stopped, char offset of a stop
+    string or None, stop reason) for sequence s after each new token.
     """
     device = attention_mask.device
     n = len(params)
-    out: list[list[int]] = [[t] for t in first.tolist()]
+    out: list[list[int]] = [[t] for t in first.tokens.tolist()]
+    lps: list[list | None] = [[d] if d is not None else None for d in first.logprobs] if first.logprobs else [None] * n
     done: list[Decoded | None] = [None] * n
-    active = torch.arange(n)  # prompt index of each batch row
-    last = first.to(device)  # [A]
+    active = torch.arange(n)  # sequence index of each batch row
+    last = first.tokens.to(device)  # [A]
     positions = lengths.to(device)  # [A] position of the token in `last`
     while True:
         sync()
         now = time.perf_counter()
         keep = []
         for b, p in enumerate(active.tolist()):
-            stop, stop_at = stopped(p, out[p])
+            stop, stop_at, reason = stopped(p, out[p])
             if stop or len(out[p]) >= params[p].max_new_tokens:
-                done[p] = Decoded(out[p], "stop" if stop else "length", stop_at, now)
+                done[p] = Decoded(out[p], "stop" if stop else "length", stop_at, reason, now, lps[p])
             else:
                 keep.append(b)
         if not keep:
@@ -71,7 +77,10 @@ def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
             past_key_values=cache,
             use_cache=True,
         ).logits[:, -1].float()  # [A, V]
-        last = sampler(logits)
+        step = sampler(logits)
+        last = step.tokens
         positions = positions + 1
-        for p, t in zip(active.tolist(), last.tolist()):
+        for b, (p, t) in enumerate(zip(active.tolist(), last.tolist())):
             out[p].append(t)
+            if step.logprobs is not None and lps[p] is not None:
+                lps[p].append(step.logprobs[b])

@@ -54,21 +54,27 @@ class BufferedLayer(DynamicLayer):
 
 
 @torch.inference_mode()
-def unpack(cache: DynamicCache, packed: PackedBatch, room: int = 0) -> tuple[DynamicCache, torch.Tensor]:
-    """Packed cache [R, H, W, D] per layer -> (cache [P, H, Lmax, D], attention_mask [P, Lmax]).
+def unpack(cache: DynamicCache, packed: PackedBatch, room: int = 0,
+           index: torch.Tensor | None = None) -> tuple[DynamicCache, torch.Tensor]:
+    """Packed cache [R, H, W, D] per layer -> (cache [S, H, Lmax, D], attention_mask [S, Lmax]).
 
-    `room`: decode steps to preallocate. Consumes `cache`: each packed layer is freed as
-    soon as it is split, so the peak holds one packed layer, not all of them.
+    `room`: decode steps to preallocate. `index` [S]: the prompt of each output row, so a
+    prompt sampled n times gets n rows (copies of its keys/values); None = one row per
+    prompt (S = P). Consumes `cache`: each packed layer is freed as soon as it is split, so
+    the peak holds one packed layer, not all of them.
     """
     device = cache.layers[0].keys.device
-    length = packed.length.to(device)  # [P]
+    length, row, offset = packed.length, packed.row, packed.offset  # [P] each
+    if index is not None:
+        length, row, offset = length[index], row[index], offset[index]  # [S] each
+    length = length.to(device)
     lmax = int(length.max())
     j = torch.arange(lmax, device=device)[None, :]  # [1, Lmax]
-    start = lmax - length[:, None]  # [P, 1] first real slot after the left pad
-    valid = j >= start  # [P, Lmax]
-    col = (packed.offset.to(device)[:, None] + j - start).clamp(min=0)  # [P, Lmax]
+    start = lmax - length[:, None]  # [S, 1] first real slot after the left pad
+    valid = j >= start  # [S, Lmax]
+    col = (offset.to(device)[:, None] + j - start).clamp(min=0)  # [S, Lmax]
     # Flat slot index into [R * W]; pad slots read a real key and are masked later.
-    flat = (packed.row.to(device)[:, None] * packed.width + col).reshape(-1)  # [P * Lmax]
+    flat = (row.to(device)[:, None] * packed.width + col).reshape(-1)  # [S * Lmax]
     layers = []
     for layer in cache.layers:
         k, v = (_gather(t, flat, len(length), lmax) for t in (layer.keys, layer.values))

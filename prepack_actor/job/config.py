@@ -105,20 +105,38 @@ class OutputConfig:
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 32  # per row at most, >= 1 (a row's own max_new_tokens wins)
+    """The job's sampling settings: core.sampling.SamplingParams's fields (vLLM's names and
+    ranges, checked there), except `seed`, the base seed each row's seed derives from. A row
+    may override any of them in its `sampling_params` (docs/generate.md)."""
+
+    max_new_tokens: int = 32  # per row at most, >= 1
     temperature: float = 0.0  # 0 = greedy; > 0 samples
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 disables
     top_k: int = 0  # keep the k most likely tokens, >= 0; 0 disables
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one, in [0, 1]; 0 disables
     seed: int = 0  # base seed; a row without its own seed gets one derived from this and its id
+    n: int = 1  # completions per row, >= 1 (one prefill, the prompt's cache copied n times)
     stop: list[str] = field(default_factory=list)  # strings that end a generation
+    stop_token_ids: list[int] = field(default_factory=list)  # token ids that end a generation
     ignore_eos: bool = False  # keep generating past EOS (fixed-length benchmarks)
+    min_tokens: int = 0  # no EOS / stop token / stop string before this many tokens, in [0, max_new_tokens]
+    repetition_penalty: float = 1.0  # > 0; 1 disables; prompt and generated tokens
+    presence_penalty: float = 0.0  # in [-2, 2]; generated tokens
+    frequency_penalty: float = 0.0  # in [-2, 2]; generated tokens, per occurrence
+    logprobs: Optional[int] = None  # null = off; k >= 0: each token's log-prob and the top k
 
     def __post_init__(self):
-        _at_least("sampling.max_new_tokens", self.max_new_tokens, 1)
-        _at_least("sampling.temperature", self.temperature, 0)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"sampling.top_p: expected a number in (0, 1], got {self.top_p!r}")
-        _at_least("sampling.top_k", self.top_k, 0)
+        _at_least("sampling.seed", self.seed, 0)
+        self.params()
+
+    def params(self):
+        """The SamplingParams every row starts from (seed None: rows get their own)."""
+        from ..core.params import SamplingParams
+        values = {k: getattr(self, k) for k in SamplingParams.__dataclass_fields__ if k != "seed"}
+        try:
+            return SamplingParams(**values)
+        except ValueError as e:
+            raise ConfigError(f"sampling.{e}") from None
 
 
 @dataclass

@@ -1,24 +1,35 @@
 """The generation task: prompts (or chat messages) in, completions with timings out (no Ray)."""
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 
 from ..core.sampling import SamplingParams
-from ..engine import Engine, EngineConfig, GenerationResult
+from ..engine import Completion, Engine, EngineConfig, GenerationResult
 from ..inputs import BadInput, encode_prompt
 from .config import PackingConfig, PromptsConfig, SamplingConfig
 from .rows import carried, derived_seed
 from .task import Task
 
 
+LOGPROB = pa.struct([("token_id", pa.int64()), ("logprob", pa.float64()), ("rank", pa.int64())])
+LOGPROBS = pa.list_(pa.list_(LOGPROB))  # per generated token: the chosen token first, then the top k
+COMPLETION = pa.struct([  # one of n completions: the same names as the row's own columns
+    ("generated_text", pa.string()), ("generated_tokens", pa.list_(pa.int64())),
+    ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string()), ("stop_reason", pa.string()),
+    ("stop_token_id", pa.int64()), ("logprobs", LOGPROBS)])
+
+
 class GenerateTask(Task):
     name = "generate"
     output_schema = pa.schema([
         ("id", pa.string()), ("prompt", pa.string()), ("generated_text", pa.string()),
-        ("finish_reason", pa.string()), ("num_input_tokens", pa.int64()),
+        ("generated_tokens", pa.list_(pa.int64())), ("finish_reason", pa.string()),
+        ("stop_reason", pa.string()), ("stop_token_id", pa.int64()), ("num_input_tokens", pa.int64()),
         ("num_truncated_tokens", pa.int64()), ("num_generated_tokens", pa.int64()),
+        ("logprobs", LOGPROBS), ("outputs", pa.list_(COMPLETION)), ("sampling_params", pa.string()),
         ("prefill_s", pa.float64()), ("ttft_s", pa.float64()), ("decode_s", pa.float64()),
         ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()),
         ("error", pa.string()), ("error_kind", pa.string())])
@@ -30,31 +41,35 @@ class GenerateTask(Task):
 
     def __init__(self, sampling: SamplingConfig, prompts: PromptsConfig):
         self.sampling, self.prompts = sampling, prompts
-        # Checked here (the job checks its config earlier): a bad value fails before any work.
-        SamplingParams(max_new_tokens=sampling.max_new_tokens, **self.shared_params())
+        # Checked here too (the job checks its config earlier): a bad value fails before any work.
+        self.defaults = sampling.params()
 
-    def shared_params(self) -> dict:
-        """SamplingParams fields that every row shares (rows may override max_new_tokens, seed)."""
-        s = self.sampling
-        return dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=list(s.stop),
-                    ignore_eos=s.ignore_eos)
+    def row_params(self, row: dict) -> SamplingParams:
+        """The job's sampling settings with the row's own (`sampling_params`, top-level
+        max_new_tokens / seed) over them; a row without a seed gets one derived from its id."""
+        overrides = row.get("sampling_params") or {}
+        try:
+            params = self.defaults.with_overrides(overrides)
+        except ValueError as e:
+            raise BadInput("bad_field", f"sampling_params.{e}") from None
+        return params if params.seed is not None else replace(params, seed=derived_seed(self.sampling.seed, row["id"]))
 
     def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
-        """Render (chat template for messages), tokenize, apply the length rule.
-
-        The row's max_new_tokens and seed are resolved in place first (error rows keep them too).
-        """
-        max_new_tokens = row["max_new_tokens"] = row["max_new_tokens"] or self.sampling.max_new_tokens
-        row["seed"] = row["seed"] if row["seed"] is not None else derived_seed(self.sampling.seed, row["id"])
+        """Resolve the row's sampling settings, render (chat template for messages), tokenize,
+        apply the length rule. The resolved max_new_tokens and seed and the rendered prompt
+        are set in place (an error row keeps what was resolved before the error)."""
+        params = self.row_params(row)
+        row["max_new_tokens"], row["seed"] = params.max_new_tokens, params.seed
         try:
             text = row["prompt"] if row["prompt"] is not None else tokenizer.apply_chat_template(
                 row["messages"], tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects the roles
             raise BadInput("bad_messages", f"cannot render: {e}") from None
-        ids, cut = encode_prompt(tokenizer, text, max_context, max_new_tokens, self.prompts.over_long,
+        row["prompt"] = text  # the text the model sees (ray.data.llm's `prompt`)
+        ids, cut = encode_prompt(tokenizer, text, max_context, params.max_new_tokens, self.prompts.over_long,
                                  self.prompts.max_prompt_tokens)
         return {"num_input_tokens": len(ids),
-                "payload": {"input_ids": ids, "num_truncated_tokens": cut}}
+                "payload": {"input_ids": ids, "num_truncated_tokens": cut, "sampling": params}}
 
     def runner(self, model, tokenizer, packing: PackingConfig) -> Engine:
         return Engine(model, tokenizer, EngineConfig(
@@ -62,9 +77,8 @@ class GenerateTask(Task):
             max_group_tokens=packing.max_group_tokens))
 
     def run(self, engine: Engine, rows: list[dict]) -> list[GenerationResult]:
-        params = [SamplingParams(max_new_tokens=r["max_new_tokens"], seed=r["seed"], **self.shared_params())
-                  for r in rows]
-        return engine.generate_group([r["payload"]["input_ids"] for r in rows], params)
+        return engine.generate_group([r["payload"]["input_ids"] for r in rows],
+                                     [r["payload"]["sampling"] for r in rows])
 
     def output_row(self, row: dict, result: GenerationResult | None = None,
                    error: tuple[str, str] | None = None) -> dict:
@@ -73,11 +87,15 @@ class GenerateTask(Task):
         kind, message = error if error else (row.get("error_kind"), row.get("error"))
         r = result if kind is None else None
         payload = row.get("payload") or {}
+        first = completion_columns(r.outputs[0]) if r else dict.fromkeys(COMPLETION.names)
+        overrides = row.get("sampling_params")
+        out.update(first)
         out.update(
-            id=row["id"], generated_text=r.text if r else None, finish_reason=r.finish_reason if r else None,
-            num_input_tokens=row.get("num_input_tokens", 0),
+            id=row["id"], num_input_tokens=row.get("num_input_tokens", 0),
             num_truncated_tokens=payload.get("num_truncated_tokens", 0),
             num_generated_tokens=r.num_generated_tokens if r else 0,
+            outputs=[completion_columns(c) for c in r.outputs] if r and len(r.outputs) > 1 else None,
+            sampling_params=json.dumps(overrides, default=str) if overrides else None,
             prefill_s=r.prefill_s if r else None, ttft_s=r.ttft_s if r else None,
             decode_s=r.decode_s if r else None, pack_rows=r.pack_rows if r else None,
             pack_efficiency=r.pack_efficiency if r else None, error=message, error_kind=kind)
@@ -89,3 +107,15 @@ class GenerateTask(Task):
 
     def __repr__(self) -> str:
         return f"GenerateTask(sampling={asdict(self.sampling)}, prompts={asdict(self.prompts)})"
+
+
+def completion_columns(c: Completion) -> dict:
+    """A completion as output columns (COMPLETION's fields). vLLM's stop_reason (str | int)
+    is split in two, one Arrow type per column: stop_reason (string), stop_token_id (int)."""
+    return {"generated_text": c.text, "generated_tokens": c.token_ids, "num_generated_tokens": len(c.token_ids),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason if isinstance(c.stop_reason, str) else None,
+            "stop_token_id": c.stop_reason if isinstance(c.stop_reason, int) else None,
+            "logprobs": None if c.logprobs is None else [
+                [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in step.items()]
+                for step in c.logprobs]}

@@ -3,9 +3,11 @@
 A row is a plain dict. After `parse_record` (a user's Dataset row) or `parse_jsonl_shard` /
 `parse_parquet_shard` (the jobs' shards) every row has
     id: str            as given (non-string ids become their JSON text), else "<shard>:<line>"
-    prompt: str|None   the input `prompt` when it is a string
+    prompt: str|None   the input `prompt` (a non-string one as its JSON text, on an error row)
     messages: list|None  the input chat `messages`
-    max_new_tokens, seed: int|None   per-row overrides
+    sampling_params: dict|None  the row's own sampling settings (ray.data.llm's column; the
+                       top-level `max_new_tokens` and `seed` are folded in), checked by the task
+    max_new_tokens, seed: int|None   resolved by the generation task's prepare
     error: str|None, error_kind: str|None   set when the row cannot be run (ERROR_KINDS)
     carry: bytes       pickle of every other input column, restored unchanged at the end
 The task's prepare stage then adds num_input_tokens and `payload` (its pickled prepared
@@ -28,17 +30,14 @@ ERROR_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_prompt"
                "empty_prompt", "bad_messages", "bad_field", "prompt_too_long", "bad_shard",  # any task
                "bad_item", "bad_choices", "bad_answer", "too_long",  # scoring items
                "engine_error", "out_of_memory")  # the model failed on this row
-RESERVED = ("id", "prompt", "messages", "max_new_tokens", "seed")
+RESERVED = ("id", "prompt", "messages", "sampling_params", "max_new_tokens", "seed")
+TOP_LEVEL_SAMPLING = ("max_new_tokens", "seed")  # sampling keys a row may also give outside sampling_params
 
 
 def error_row(row_id: str, kind: str, message: str, carry: dict | None = None) -> dict:
     assert kind in ERROR_KINDS, kind
-    return {"id": row_id, "prompt": None, "messages": None, "max_new_tokens": None, "seed": None,
-            "error": message, "error_kind": kind, "carry": pickle.dumps(carry or {})}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return {"id": row_id, "prompt": None, "messages": None, "sampling_params": None, "max_new_tokens": None,
+            "seed": None, "error": message, "error_kind": kind, "carry": pickle.dumps(carry or {})}
 
 
 def validate_record(obj: Any, default_id: str, where: str) -> dict:
@@ -47,16 +46,22 @@ def validate_record(obj: Any, default_id: str, where: str) -> dict:
         return error_row(default_id, "not_an_object", f"{where}: expected a JSON object, got {type(obj).__name__}")
     raw_id = obj.get("id")
     row_id = default_id if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id, default=str)
-    carry = {k: v for k, v in obj.items() if k not in ("id", "prompt", "max_new_tokens", "seed")}
+    carry = {k: v for k, v in obj.items() if k not in ("id", "prompt", "sampling_params") + TOP_LEVEL_SAMPLING}
     prompt, messages = obj.get("prompt"), obj.get("messages")
     row = error_row(row_id, "missing_prompt", "", carry)
     row["error"] = row["error_kind"] = None
-    for key in ("max_new_tokens", "seed"):
-        value = obj.get(key)
-        if value is not None and not (_is_int(value) and value >= (1 if key == "max_new_tokens" else 0)):
-            return _fail(row, "bad_field", f"{key} must be an int >= {1 if key == 'max_new_tokens' else 0}, "
-                                           f"got {value!r}")
-        row[key] = value
+    # An error row keeps its input prompt: as given, or as JSON text when it is not a string.
+    row["prompt"] = prompt if prompt is None or isinstance(prompt, str) else json.dumps(prompt, default=str)
+    overrides = obj.get("sampling_params")
+    if overrides is not None and not (isinstance(overrides, dict) and all(isinstance(k, str) for k in overrides)):
+        return _fail(row, "bad_field", f"sampling_params: expected an object of sampling keys, got {overrides!r}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # null = not set (Parquet structs)
+    for key in TOP_LEVEL_SAMPLING:
+        if obj.get(key) is not None:
+            if key in overrides:
+                return _fail(row, "bad_field", f"{key}: given both at top level and in sampling_params")
+            overrides[key] = obj[key]
+    row["sampling_params"] = overrides or None
     if prompt is None and messages is None:
         return _fail(row, "missing_prompt", "missing 'prompt' (string) or 'messages' (chat list)")
     if prompt is not None:
@@ -75,8 +80,9 @@ def validate_record(obj: Any, default_id: str, where: str) -> dict:
 
 
 def _fail(row: dict, kind: str, message: str) -> dict:
+    """The row as an error row; its prompt stays (messages are carried as input columns)."""
     assert kind in ERROR_KINDS, kind
-    row.update(error=message, error_kind=kind, prompt=None, messages=None)
+    row.update(error=message, error_kind=kind, messages=None)
     return row
 
 
@@ -125,10 +131,12 @@ def parse_record(obj: Any) -> dict:
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.binary()),  # pickled list | null
+    ("sampling_params", pa.binary()),  # pickled dict | null
     ("max_new_tokens", pa.int64()), ("seed", pa.int64()), ("error", pa.string()),
     ("error_kind", pa.string()), ("carry", pa.binary())])  # pickled dict of carried columns
 PREPARED_SCHEMA = pa.schema(list(ROW_SCHEMA) + [
     ("num_input_tokens", pa.int64()), ("payload", pa.binary())])  # pickled task input | null
+PICKLED = ("messages", "sampling_params", "payload")  # Python objects stored as pickles between stages
 GROUP_SCHEMA = pa.schema([("rows", pa.binary()), ("num_rows", pa.int64()), ("num_tokens", pa.int64())])
 
 
@@ -136,7 +144,7 @@ def rows_to_table(rows: list[dict], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
     cols = {}
     for f in schema:
         values = [r.get(f.name) for r in rows]
-        if f.name in ("messages", "payload"):
+        if f.name in PICKLED:
             values = [pickle.dumps(v) if v is not None else None for v in values]
         cols[f.name] = pa.array(values, type=f.type)
     return pa.table(cols, schema=schema)
@@ -145,7 +153,7 @@ def rows_to_table(rows: list[dict], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
 def table_to_rows(table: pa.Table) -> list[dict]:
     rows = table.to_pylist()
     for r in rows:
-        for k in ("messages", "payload"):
+        for k in PICKLED:
             if r.get(k) is not None:
                 r[k] = pickle.loads(r[k])
     return rows
