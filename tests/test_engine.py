@@ -4,13 +4,12 @@ Tolerance: fp32 next-token logits within 1e-4 (observed ~3e-7); greedy tokens id
 """
 import random
 import zlib
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 from prepack_actor import Engine, EngineConfig, SamplingParams, build_tiny_model, load_model
-from prepack_actor.core import attention
+from prepack_actor.core.forward import plain_sdpa  # the reference runs sdpa, not the Engine's prepack_varlen
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 NEW_TOKENS = 16
@@ -32,26 +31,13 @@ def batches(seed: int) -> dict[str, list[int]]:
     }
 
 
-@contextmanager
-def plain_hf(model):
-    """The model on its own sdpa/eager for the reference (an Engine switches sdpa models to prepack_varlen)."""
-    impl = model.config._attn_implementation
-    if impl == attention.NAME:
-        model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        if impl == attention.NAME:
-            model.set_attn_implementation(impl)
-
-
 def hf_alone_logits(model, prompt):
-    with torch.inference_mode(), plain_hf(model):
+    with torch.inference_mode(), plain_sdpa(model):
         return model(torch.tensor([prompt])).logits[0, -1].float()
 
 
 def hf_alone_greedy(model, prompt, n=NEW_TOKENS):
-    with torch.inference_mode(), plain_hf(model):
+    with torch.inference_mode(), plain_sdpa(model):
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=n, do_sample=False)
     return out[0, len(prompt):].tolist()

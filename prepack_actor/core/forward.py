@@ -79,6 +79,20 @@ def enable_varlen(model) -> bool:
     return True
 
 
+@contextmanager
+def plain_sdpa(model):
+    """The model on sdpa inside the block when it runs attention.NAME (for code that insists on
+    sdpa, e.g. transformers' continuous batching, or an independent reference); restored after."""
+    impl = model.config._attn_implementation
+    if impl == attention.NAME:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if impl == attention.NAME:
+            model.set_attn_implementation(impl)
+
+
 @torch.inference_mode()
 def packed_forward(model, batch: PackedBatch, slots: torch.Tensor, use_cache: bool = True,
                    varlen: bool | None = None):
