@@ -36,6 +36,15 @@ import time
 from pathlib import Path
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its children (vLLM's engine core is a child process):
+    robust to other work on a shared machine, unlike wall time."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(sum(p.cpu_times()[:2]) for p in [me] + me.children(recursive=True))
+
+
 def vllm_worker(model: str, fd: int) -> None:
     """In vLLM's venv: load once, then answer JSON commands from stdin on pipe `fd`."""
     from vllm import LLM, SamplingParams
@@ -50,10 +59,10 @@ def vllm_worker(model: str, fd: int) -> None:
         cmd = json.loads(line)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in cmd["ids"]]
         params = SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"], ignore_eos=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         res = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - t
-        out.write(json.dumps({"s": seconds, "tokens": [list(r.outputs[0].token_ids) for r in res]}) + "\n")
+        seconds, cpu = time.perf_counter() - t, cpu_seconds() - c
+        out.write(json.dumps({"s": seconds, "cpu": cpu, "tokens": [list(r.outputs[0].token_ids) for r in res]}) + "\n")
         out.flush()
 
 
@@ -74,15 +83,20 @@ class VLLM:
             raise RuntimeError(f"the vLLM worker exited (code {self.proc.poll()}); see its log")
         return json.loads(line)
 
-    def generate(self, ids: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    def generate(self, ids: list[list[int]], max_tokens: int) -> tuple[tuple[float, float], list[list[int]]]:
+        """((wall s, CPU s), greedy tokens per prompt)."""
         self.proc.stdin.write(json.dumps({"ids": ids, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         r = self._read()
-        return r["s"], r["tokens"]
+        return (r["s"], r["cpu"]), r["tokens"]
 
     def close(self) -> None:
+        """Let the worker finish and exit; end it (and so its engine core) if it does not."""
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def main() -> None:
@@ -97,6 +111,8 @@ def main() -> None:
     ap.add_argument("--max-group-tokens", type=int, default=None, help="default: EngineConfig's")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm/bin/python", help="'' skips vLLM")
     ap.add_argument("--out", default="results/vllm_compare.json")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="table in CPU seconds (robust on a shared machine; both are saved) or wall seconds")
     args = ap.parse_args()
 
     import torch
@@ -121,20 +137,19 @@ def main() -> None:
         data[name] = [tok(json.loads(line)["prompt"])["input_ids"] for line in lines]
 
     @torch.inference_mode()
-    def ceiling(ids: list[list[int]]) -> float:
+    def ceiling(ids: list[list[int]]) -> None:
         """Unpadded equal-length batches, one per prepack group, each with that group's token count."""
-        t = time.perf_counter()
         with plain_sdpa(model):
             for g in engine.groups([len(x) for x in ids]):
                 tokens = sum(len(ids[i]) for i in g)
                 batch = torch.randint(3, model.config.vocab_size, (len(g), max(1, tokens // len(g))))
                 model(input_ids=batch, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t
 
-    def timed(fn, *a) -> float:
-        t = time.perf_counter()
-        fn(*a)
-        return time.perf_counter() - t
+    def timed(fn, *a):
+        """(wall s, CPU s of this process only: the idle vLLM worker is a child) of fn(*a), and its result."""
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(*a)
+        return (time.perf_counter() - t, time.process_time() - c), out
 
     gen = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     logs = Path(args.out).parent
@@ -150,32 +165,40 @@ def main() -> None:
         vllm.generate(warm, 2)
     runs: dict[str, dict[str, list]] = {name: {} for name in data}
     tokens: dict[str, dict[str, list]] = {name: {} for name in data}
+    try:
+        measure(args, data, engine, dense, ceiling, timed, vllm, gen, runs, tokens)
+    finally:
+        if vllm:
+            vllm.close()
+    report(args, data, runs, tokens)
+
+
+def measure(args, data, engine, dense, ceiling, timed, vllm, gen, runs, tokens) -> None:
+    """Every repeat runs every measurement of both engines in turn (interleaved)."""
     for rep in range(args.repeats):
         for name, ids in data.items():
             r = runs[name]
-            r.setdefault("prepack_prefill", []).append(timed(engine.prefill, ids))
+            r.setdefault("prepack_prefill", []).append(timed(engine.prefill, ids)[0])
             if vllm:
                 r.setdefault("vllm_prefill", []).append(vllm.generate(ids, 1)[0])
-            r.setdefault("dense_mask_prefill", []).append(timed(dense.prefill, ids))
-            r.setdefault("ceiling_prefill", []).append(ceiling(ids))
-            t = time.perf_counter()
-            res = engine.generate(ids, gen)
-            r.setdefault("prepack_e2e", []).append(time.perf_counter() - t)
+            r.setdefault("dense_mask_prefill", []).append(timed(dense.prefill, ids)[0])
+            r.setdefault("ceiling_prefill", []).append(timed(ceiling, ids)[0])
+            t, res = timed(engine.generate, ids, gen)
+            r.setdefault("prepack_e2e", []).append(t)
             tokens[name]["prepack"] = [x.token_ids for x in res]
             if vllm:
                 s, toks = vllm.generate(ids, args.new_tokens)
                 r.setdefault("vllm_e2e", []).append(s)
                 tokens[name]["vllm"] = toks
-            print(f"repeat {rep} {name}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in r.items()), flush=True)
-    if vllm:
-        vllm.close()
-    report(args, data, runs, tokens)
+            print(f"repeat {rep} {name} (wall s / CPU s): "
+                  + ", ".join(f"{k} {v[-1][0]:.1f}/{v[-1][1]:.1f}" for k, v in r.items()), flush=True)
 
 
 def report(args, data, runs, tokens) -> None:
     rows, payload = [], {"args": vars(args), "datasets": {}}
+    col = {"wall": 0, "cpu": 1}[args.clock]
     for name, r in runs.items():
-        med = {k: statistics.median(v) for k, v in r.items()}
+        med = {k: statistics.median(x[col] for x in v) for k, v in r.items()}
         real = sum(len(x) for x in data[name])
         out = {"prompts": len(data[name]), "real_tokens": real, "median_s": med, "all_s": r}
         line = [name, str(len(data[name])), str(real), f"{med['prepack_prefill']:.1f}",
@@ -202,7 +225,7 @@ def report(args, data, runs, tokens) -> None:
         print("| " + " | ".join(line) + " |")
     print("\nprepack / ceiling = ceiling time / prepack time (1.0 = as fast as unpadded equal-length batches); "
           "X vs vLLM = vLLM time / prepack time (> 1: prepack faster). Medians over "
-          f"{args.repeats} interleaved repeats.")
+          f"{args.repeats} interleaved repeats, {args.clock} seconds.")
     Path(args.out).write_text(json.dumps(payload, indent=1))
 
 
