@@ -24,7 +24,7 @@ from prepack_actor.bench.config import BenchmarkConfig  # noqa: E402
 from prepack_actor.bench.generate import generate_runner  # noqa: E402
 from prepack_actor.bench.largest import largest_batch  # noqa: E402
 from prepack_actor.bench.measure import interleaved, prepare_cpu_allocator  # noqa: E402
-from prepack_actor.bench.methods import capacity_rule, prefill_runner  # noqa: E402
+from prepack_actor.bench.methods import VARLEN_METHODS, capacity_rule, prefill_runner  # noqa: E402
 from prepack_actor.bench.workload import dataset_name, make_workload, predictors, read_prompts  # noqa: E402
 from prepack_actor.job.config import config_or_exit, to_dict  # noqa: E402
 from prepack_actor.models import load_model  # noqa: E402
@@ -98,7 +98,8 @@ def main(argv: list[str]) -> dict:
                 stats[m]["method_ideal_speedup"] = stats[m]["ideal_speedup"]
                 stats[m]["ideal_speedup"] = ideal
             log(f"{wl.dataset} batch {bs}: {len(wl.prompts)} prompts, ideal speedup {ideal:.2f}x")
-            runners = {m: prefill_runner(model, wl.batches(m), pad_id, rules[m]) for m in cfg.methods}
+            runners = {m: prefill_runner(model, wl.batches(m), pad_id, rules[m], m in VARLEN_METHODS)
+                       for m in cfg.methods}
             rounds = interleaved(runners, cfg.repeats, cfg.warmup, log)
             prefill_records += report.prefill_records(wl.dataset, bs, stats, rounds,
                                                       (cfg.best_capacity_multiple, cfg.best_min_width))

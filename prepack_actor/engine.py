@@ -14,7 +14,7 @@ import torch
 
 from .core import kv_cache
 from .core.decode import decode
-from .core.forward import last_token_logits
+from .core.forward import enable_varlen, last_token_logits
 from .core.grouping import GroupConfig
 from .core.packing import pack
 from .core.sampling import Logprob, Sampler, SamplingParams, expand
@@ -25,6 +25,9 @@ from .models import ModelRunner
 @dataclass
 class EngineConfig(GroupConfig):
     sort_by_length: bool = True  # group similar lengths (fuller packs, similar decode lengths)
+    # Prefill on varlen attention, one stream per group, where the model allows it
+    # (forward.varlen_refusal); False = the dense-mask rows of pack_capacity (the reference).
+    varlen: bool = True
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Engine(ModelRunner):
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         super().__init__(model, tokenizer)
         self.config = config or EngineConfig()
+        # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
+        self.varlen = self.config.varlen and enable_varlen(model)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
@@ -99,14 +104,18 @@ class Engine(ModelRunner):
         """Split prompt indices into groups under the prompt-count and token budgets."""
         return self.config.groups(lengths, self.config.sort_by_length)
 
+    def pack(self, ids: list[list[int]]):
+        """One stream [1, T] on the varlen path; rows of pack_capacity on the dense-mask path."""
+        return pack(ids, self.config.pack_capacity, self.pad_id, stream=self.varlen)
+
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Next-token logits after each prompt, [P, V] fp32, in input order."""
         ids = self.encode(prompts)
         out = torch.empty(len(ids), self.model.config.vocab_size)
         for g in self.groups([len(x) for x in ids]):
-            packed = pack([ids[i] for i in g], self.config.pack_capacity, self.pad_id)
-            logits, _ = last_token_logits(self.model, packed)
+            packed = self.pack([ids[i] for i in g])
+            logits, _ = last_token_logits(self.model, packed, varlen=self.varlen)
             out[torch.tensor(g)] = logits.cpu()
         return out
 
@@ -127,9 +136,9 @@ class Engine(ModelRunner):
 
         A prompt with n > 1 is prefilled once; its cache row is copied for its n sequences."""
         t0 = self.now()
-        packed = pack(ids, self.config.pack_capacity, self.pad_id)
+        packed = self.pack(ids)
         t_packed = self.now()
-        logits, cache = last_token_logits(self.model, packed)  # [P, V]
+        logits, cache = last_token_logits(self.model, packed, varlen=self.varlen)  # [P, V]
         t_prefilled = self.now()
         seqs, prompt_of = expand(params)  # one SamplingParams per sequence
         index = torch.tensor(prompt_of) if len(seqs) > len(params) else None  # [S] prompt of each sequence

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .core import attention
 from .tiny import ARCHS, SIZES, build_tiny_model
+
+attention.register()  # "prepack_varlen" is known to transformers wherever models are loaded
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -48,10 +51,13 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implem
                trust_remote_code: bool = False):
     """Return (model, tokenizer), the model in eval mode on `device`.
 
-    attn_implementation: "sdpa" (default) or "eager"; both take prepack's packed masks.
+    attn_implementation: "sdpa" (default), "eager" or "prepack_varlen"; all take prepack's
+    packed masks. The Engine switches an sdpa model to prepack_varlen for packed prefill
+    (forward.enable_varlen) unless EngineConfig(varlen=False).
     """
-    if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+    if attn_implementation not in ("sdpa", "eager", attention.NAME):
+        raise ValueError(f"attn_implementation must be 'sdpa', 'eager' or {attention.NAME!r}, "
+                         f"got {attn_implementation!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:

@@ -107,7 +107,7 @@ def test_tiny_end_to_end_writes_json_plots_and_table(tiny_model_dir, tmp_path, c
     saved = json.loads((out / "results.json").read_text())
     assert saved["prefill"] == json.loads(json.dumps(payload["prefill"]))
     recs = {r["method"]: r for r in saved["prefill"]}
-    assert set(recs) == {"full_batching", "length_ordered", "prepacking", "prepacking_best"}
+    assert set(recs) == {"full_batching", "length_ordered", "prepacking", "prepacking_best", "prepacking_varlen"}
     ideal = {r["ideal_speedup"] for r in recs.values()}
     assert len(ideal) == 1  # one reference: the random batches' padded / real tokens
     for r in recs.values():
@@ -117,6 +117,7 @@ def test_tiny_end_to_end_writes_json_plots_and_table(tiny_model_dir, tmp_path, c
         assert r["fraction_of_ideal"] == pytest.approx(r["speedup_vs_full"] / r["ideal_speedup"])
     assert recs["full_batching"]["speedup_vs_full"] == 1.0 and recs["full_batching"]["rows_per_batch"] == 4
     assert recs["prepacking"]["rows_per_batch"] < 4  # packing merged rows
+    assert recs["prepacking_varlen"]["rows_per_batch"] == 1 and recs["prepacking_varlen"]["mask_s"] == 0  # one stream
     assert recs["length_ordered"]["padded_tokens"] <= recs["full_batching"]["padded_tokens"]
     assert 0 <= recs["prepacking"]["overhead_share"] < 1
     gen = {r["method"]: r for r in saved["generation"]}

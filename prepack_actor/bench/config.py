@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from ..job.config import ConfigError
 
-PREFILL_METHODS = ("full_batching", "length_ordered", "prepacking", "prepacking_best")
+PREFILL_METHODS = ("full_batching", "length_ordered", "prepacking", "prepacking_best", "prepacking_varlen")
 GENERATE_METHODS = ("full_batching_generate", "hf_continuous_batching", "prepack_engine")
 
 

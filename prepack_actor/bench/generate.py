@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 
 from .baselines import padded_generate
 from ..engine import Engine, EngineConfig
+from ..core.forward import plain_sdpa
 from ..core.sampling import SamplingParams
 from .measure import Clock, PeakMemory
 from .methods import WARM_PROMPTS
@@ -39,8 +40,9 @@ def _continuous(model, tokenizer, prompts, n: int, max_batch_tokens: int) -> tup
     cb = ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=max(max_batch_tokens, max(map(len, prompts))))
     gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
-                               progress_bar=False)
+    with plain_sdpa(model):  # continuous batching accepts sdpa / paged|eager / flash only
+        out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
+                                   progress_bar=False)
     return sum(len(o.generated_tokens) for o in out.values()), None
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from .methods import capacity_rule, prefill_once
+from ..core.forward import enable_varlen
+from .methods import VARLEN_METHODS, capacity_rule, prefill_once
 
 
-def _fits(model, token_ids, batch_size: int, pad_id: int, rule, seed: int) -> bool:
+def _fits(model, token_ids, batch_size: int, pad_id: int, rule, seed: int, varlen: bool = False) -> bool:
     g = torch.Generator().manual_seed(seed)
     prompts = [token_ids[i] for i in torch.randint(len(token_ids), (batch_size,), generator=g).tolist()]
     try:
-        prefill_once(model, prompts, pad_id, rule)
+        prefill_once(model, prompts, pad_id, rule, varlen)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
@@ -32,11 +33,12 @@ def largest_batch(model, token_ids: list[list[int]], method: str, pad_id: int, m
     fraction = min(1.0, memory_gb * 2**30 / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     rule = capacity_rule(method, best_multiple, best_min_width)
+    varlen = method in VARLEN_METHODS and enable_varlen(model)
     try:
         lo, hi = 0, None  # lo fits, hi fails
         b = start
         while b <= limit:
-            if _fits(model, token_ids, b, pad_id, rule, seed):
+            if _fits(model, token_ids, b, pad_id, rule, seed, varlen):
                 lo, b = b, b * 2
             else:
                 hi = b
@@ -45,7 +47,7 @@ def largest_batch(model, token_ids: list[list[int]], method: str, pad_id: int, m
             return {"method": method, "largest_batch": lo, "hit_limit": True, "memory_gb": memory_gb}
         while hi - lo > max(1, lo // 16):  # within ~6%
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if _fits(model, token_ids, mid, pad_id, rule, seed) else (lo, mid)
+            lo, hi = (mid, hi) if _fits(model, token_ids, mid, pad_id, rule, seed, varlen) else (lo, mid)
         return {"method": method, "largest_batch": lo, "hit_limit": False, "memory_gb": memory_gb}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -7,6 +7,8 @@ Prefill methods (one forward pass per batch, up to each prompt's first token):
   forward, the cache split into a left-padded per-prompt cache.
 - prepacking_best: the same with rows max(`multiple` x the longest prompt, `min_width`)
   tokens wide: fewer, wider rows (a token budget per row).
+- prepacking_varlen: the batch as ONE stream (no padding) on varlen attention
+  (core/attention.py): no dense mask, each prompt's own query-key pairs only.
 prefill_s counts everything a method needs before decoding can start: packing, mask,
 forward and the cache split for prepacking; padding and forward for the baselines.
 """
@@ -19,18 +21,21 @@ import torch
 from ..core import kv_cache, masks
 from .baselines import padded_prefill
 from ..core.packing import pack
-from ..core.forward import last_token_logits
+from ..core.forward import enable_varlen, last_token_logits
 from .measure import Clock, PeakMemory
 
 WARM_PROMPTS = 4  # a warm-up round runs the first batch's first few prompts only
 
 
 Capacity = tuple[float, int]  # (multiple of the longest prompt, minimum row width)
+STREAM: Capacity = (float(2 ** 20), 0)  # wider than any batch: one row, i.e. one stream
+VARLEN_METHODS = ("prepacking_varlen",)
 
 
 def capacity_rule(method: str, best_multiple: float, best_min_width: int) -> Capacity | None:
     """How a method sizes its packed rows; None for the padded methods."""
-    return {"prepacking": (1.0, 0), "prepacking_best": (best_multiple, best_min_width)}.get(method)
+    return {"prepacking": (1.0, 0), "prepacking_best": (best_multiple, best_min_width),
+            "prepacking_varlen": STREAM}.get(method)
 
 
 def capacity(rule: Capacity, lengths: list[int]) -> int:
@@ -38,8 +43,11 @@ def capacity(rule: Capacity, lengths: list[int]) -> int:
     return max(int(multiple * max(lengths)), min_width)
 
 
-def prefill_once(model, prompts: list[list[int]], pad_id: int, rule: Capacity | None) -> dict:
-    """One batch, timed on the device clock; returns seconds, rows and peak memory."""
+def prefill_once(model, prompts: list[list[int]], pad_id: int, rule: Capacity | None, varlen: bool = False) -> dict:
+    """One batch, timed on the device clock; returns seconds, rows and peak memory.
+
+    varlen: the batch as one stream on varlen attention (model switched by enable_varlen).
+    """
     device = model.device
     clock = Clock(device)
     with PeakMemory(device) as mem:
@@ -52,9 +60,9 @@ def prefill_once(model, prompts: list[list[int]], pad_id: int, rule: Capacity | 
             rows = len(prompts)
         else:
             clock.mark()
-            packed = pack(prompts, capacity(rule, [len(p) for p in prompts]), pad_id)
+            packed = pack(prompts, capacity(rule, [len(p) for p in prompts]), pad_id, stream=varlen)
             clock.mark()
-            logits, cache = last_token_logits(model, packed)
+            logits, cache = last_token_logits(model, packed, varlen=varlen)
             clock.mark()
             cache, _ = kv_cache.unpack(cache, packed)
             clock.mark()
@@ -66,7 +74,7 @@ def prefill_once(model, prompts: list[list[int]], pad_id: int, rule: Capacity | 
     out = {"prefill_s": pack_s + forward_s + split_s, "ttft_s": pack_s + forward_s + split_s + sample_s,
            "pack_s": pack_s, "split_s": split_s, "mask_s": 0.0, "rows": rows,
            "peak_memory_bytes": mem.bytes, "memory_source": mem.source}
-    if rule is not None:  # the mask is built inside the forward; time the same build alone
+    if rule is not None and not varlen:  # the mask is built inside the forward; time the same build alone
         clock = Clock(device)
         clock.mark()
         m = masks.for_model(model, packed)
@@ -77,12 +85,15 @@ def prefill_once(model, prompts: list[list[int]], pad_id: int, rule: Capacity | 
 
 
 def prefill_runner(model, batches: list[list[list[int]]], pad_id: int,
-                   rule: Capacity | None) -> Callable[[bool], dict]:
+                   rule: Capacity | None, varlen: bool = False) -> Callable[[bool], dict]:
     """A runner for `measure.interleaved`: all batches once; per-batch means, peak = max."""
+    if varlen and not enable_varlen(model):
+        raise ValueError("prepacking_varlen: this model cannot run varlen attention "
+                         "(see prepack_actor.core.forward.varlen_refusal)")
 
     def run(warm: bool) -> dict:
         todo = [batches[0][:WARM_PROMPTS]] if warm else batches
-        per = [prefill_once(model, b, pad_id, rule) for b in todo]
+        per = [prefill_once(model, b, pad_id, rule, varlen) for b in todo]
         k = len(per)
         agg = {key: sum(p[key] for p in per) / k
                for key in ("prefill_s", "ttft_s", "pack_s", "mask_s", "split_s", "rows")}

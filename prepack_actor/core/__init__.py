@@ -1,9 +1,10 @@
 """The prepacking mechanism: tensors in, tensors out (no files, no Ray, no text).
 
     groups = group_by_length(lengths, max_group_tokens, max_group_prompts)   grouping.py
-    batch = pack(prompts, pack_capacity, pad_id, branches)                   packing.py
-    mask = masks.for_model(model, batch)                                     masks.py
-    logits, cache = last_token_logits(model, batch)                          forward.py
+    batch = pack(prompts, pack_capacity, pad_id, branches, stream=varlen)    packing.py
+    enable_varlen(model) -> attention.NAME: cu_seqlens, no mask              attention.py, forward.py
+    mask = masks.for_model(model, batch)  (dense path: reference, fallback)  masks.py
+    logits, cache = last_token_logits(model, batch, varlen)                  forward.py
     cache, attention_mask = kv_cache.unpack(cache, batch, room)              kv_cache.py
     decoded = decode(model, cache, attention_mask, ..., sampler, ...)        decode.py, sampling.py
     params = SamplingParams(temperature=0.7, n=2, logprobs=3)                params.py (no torch)

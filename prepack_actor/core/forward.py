@@ -1,4 +1,14 @@
-"""The packed forward pass: one model call over packed rows, the LM head only where needed."""
+"""The packed forward pass: one model call over packed rows, the LM head only where needed.
+
+Two attention paths over the same PackedBatch:
+- varlen (attention.NAME): segment boundaries as cu_seq_lens kwargs, no 4D mask, work
+  proportional to each prompt's own query-key pairs. Used when the model runs
+  attention.NAME and the batch has no branches.
+- dense mask: masks.for_model's [R, 1, W, W] block-diagonal mask. The reference, the
+  fallback for models varlen cannot serve (see varlen_refusal), and the scoring tree
+  layout (a branch is not a contiguous causal segment: it sees its prompt but skips its
+  siblings, which cu_seqlens cannot say).
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -6,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from transformers import DynamicCache
 
-from . import masks
+from . import attention, masks
 from .packing import PackedBatch, branch_targets
 
 
@@ -29,26 +39,94 @@ def head_only_at(model, slots: torch.Tensor):
         handle.remove()
 
 
+def varlen_refusal(model) -> str | None:
+    """Why this model's packed prefill cannot run on varlen attention, or None when it can.
+
+    Served: models whose attention modules call transformers' AttentionInterface, are
+    sdpa-compatible and run sdpa (or attention.NAME already). Refused (dense-mask path):
+    eager or other implementations, modules outside the interface (e.g. alibi models),
+    attention logit soft-capping (gemma2), attention sinks (gpt-oss), encoder-decoders.
+    """
+    cfg = model.config
+    impl = cfg._attn_implementation
+    if impl not in ("sdpa", attention.NAME):
+        return f"attention implementation {impl!r} (varlen replaces sdpa only)"
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not call transformers' attention interface"
+    if not getattr(model, "_supports_sdpa", False):
+        return f"{type(model).__name__} is not sdpa-compatible"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    for key in ("attn_logit_softcapping", "alibi", "use_alibi"):
+        if getattr(cfg, key, None):
+            return f"config.{key} = {getattr(cfg, key)!r} is not implemented by the varlen kernel"
+    if any(name.endswith("sinks") for name, _ in model.named_parameters()):
+        return "attention sinks are not implemented by the varlen kernel"
+    return None
+
+
+def use_varlen(model) -> bool:
+    """True when packed prefill of `model` can run on varlen attention (see varlen_refusal)."""
+    return varlen_refusal(model) is None
+
+
+def enable_varlen(model) -> bool:
+    """Switch a servable model to attention.NAME (sdpa for every call without cu_seq_lens); returns use_varlen."""
+    if not use_varlen(model):
+        return False
+    if model.config._attn_implementation != attention.NAME:
+        model.set_attn_implementation(attention.register())
+    return True
+
+
+@contextmanager
+def plain_sdpa(model):
+    """The model on sdpa inside the block when it runs attention.NAME (for code that insists on
+    sdpa, e.g. transformers' continuous batching, or an independent reference); restored after."""
+    impl = model.config._attn_implementation
+    if impl == attention.NAME:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if impl == attention.NAME:
+            model.set_attn_implementation(impl)
+
+
 @torch.inference_mode()
-def packed_forward(model, batch: PackedBatch, slots: torch.Tensor, use_cache: bool = True):
-    """Run the packed rows; returns (logits [N, V] at flat `slots` [N], packed cache or None)."""
+def packed_forward(model, batch: PackedBatch, slots: torch.Tensor, use_cache: bool = True,
+                   varlen: bool | None = None):
+    """Run the packed rows; returns (logits [N, V] at flat `slots` [N], packed cache or None).
+
+    varlen None: varlen when the model runs attention.NAME and the batch has no branches.
+    """
     device = model.device
+    if varlen is None:
+        varlen = model.config._attn_implementation == attention.NAME and not len(batch.branch_length)
+    if varlen:
+        assert model.config._attn_implementation == attention.NAME, "varlen needs enable_varlen(model) first"
+        assert not len(batch.branch_length), "branches need the dense mask (not contiguous causal segments)"
+        cu = batch.cu_seqlens.to(device)  # [S + 1]
+        longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+        attn = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        attn = dict(attention_mask=masks.for_model(model, batch))  # [R, 1, W, W]
     with head_only_at(model, slots):
         out = model(
             input_ids=batch.input_ids.to(device),  # [R, W]
             position_ids=batch.position_ids.to(device),  # [R, W]
-            attention_mask=masks.for_model(model, batch),  # [R, 1, W, W]
             # plain layers: a sliding layer would drop other prompts' keys
             past_key_values=DynamicCache() if use_cache else None,
             use_cache=use_cache,
+            **attn,
         )
     return out.logits[0], out.past_key_values if use_cache else None
 
 
-def last_token_logits(model, batch: PackedBatch):
+def last_token_logits(model, batch: PackedBatch, varlen: bool | None = None):
     """Per-prompt next-token logits [P, V] (fp32) and the packed cache."""
     row, col = batch.last_index
-    logits, cache = packed_forward(model, batch, row * batch.width + col)
+    logits, cache = packed_forward(model, batch, row * batch.width + col, varlen=varlen)
     return logits.float(), cache
 
 

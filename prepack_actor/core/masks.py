@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import attention
 from .packing import PackedBatch
 
 
@@ -67,7 +68,7 @@ def for_model(model, batch: PackedBatch) -> torch.Tensor | dict[str, torch.Tenso
 
     def build(w: int | None) -> torch.Tensor:
         mask = packed_causal(seg, pos, branch, w)
-        return mask if cfg._attn_implementation == "sdpa" else additive(mask, model.dtype)
+        return mask if cfg._attn_implementation in ("sdpa", attention.NAME) else additive(mask, model.dtype)
 
     if layer_types:
         return {t: build(window if t == "sliding_attention" else None) for t in set(layer_types)}

@@ -85,17 +85,33 @@ class PackedBatch:
         return self.num_tokens / max(1, self.input_ids.numel())
 
     @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """[S + 1] int32 boundaries of the segments over the flattened R*W slots (varlen attention).
+
+        A segment is a unit (prompt and its branches) or a row's pad run; in the one-stream
+        layout (pack(..., stream=True)) the segments are exactly the prompts.
+        """
+        seg = self.segment_ids.reshape(-1)
+        start = torch.ones_like(seg, dtype=torch.bool)
+        start[1:] = seg[1:] != seg[:-1]
+        start[:: self.width] = True  # every row starts a segment
+        cu = torch.nonzero(start).flatten()
+        return torch.cat([cu, torch.tensor([seg.numel()])]).to(torch.int32)
+
+    @property
     def last_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of each unit's last prompt token, [P] each."""
         return self.row, self.offset + self.length - 1
 
 
 def pack(prompts: list[list[int]], capacity: int | None = None, pad_id: int = 0,
-         branches: Sequence[Sequence[list[int]]] | None = None) -> PackedBatch:
+         branches: Sequence[Sequence[list[int]]] | None = None, stream: bool = False) -> PackedBatch:
     """Pack token-id lists into rows of `capacity` tokens, first-fit decreasing.
 
     capacity None means the longest unit (the paper's choice); a capacity below the
-    longest unit widens to it, so every unit fits in one row. `branches[i]`, when given,
+    longest unit widens to it, so every unit fits in one row. stream=True lays every unit
+    end to end in ONE row [1, T] with no padding (capacity ignored): the layout for varlen
+    attention, whose cost is each prompt's own pairs, so wider rows waste nothing. `branches[i]`, when given,
     are continuations of prompt i laid right after it (their positions continue from
     len(prompts[i]), all siblings from the same position).
     """
@@ -103,7 +119,7 @@ def pack(prompts: list[list[int]], capacity: int | None = None, pad_id: int = 0,
     branches = branches if branches is not None else [()] * len(prompts)
     assert len(branches) == len(prompts) and all(len(b) > 0 for bs in branches for b in bs), "empty branch"
     sizes = [len(p) + sum(len(b) for b in bs) for p, bs in zip(prompts, branches)]
-    rows = ffd(sizes, max(capacity or 0, max(sizes)))
+    rows = [list(range(len(sizes)))] if stream else ffd(sizes, max(capacity or 0, max(sizes)))
     # Rows narrower than `capacity` waste nothing: trim the width to the fullest row.
     width = max(sum(sizes[i] for i in r) for r in rows)
     shape = (len(rows), width)
