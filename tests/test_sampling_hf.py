@@ -154,7 +154,7 @@ def test_logprobs_are_log_softmax_of_hf_raw_logits(engine, prompts):
 def test_n_completions_equal_n1_runs_with_their_seeds(engine, prompts):
     """Prefill once, n sequences: completion i == the prompt alone, n = 1, seed sequence_seeds(seed, n)[i]."""
     rich = dict(temperature=1.0, top_k=50, top_p=0.95, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.1,
-                frequency_penalty=0.1, logprobs=1, max_new_tokens=NEW)
+                frequency_penalty=0.1, logprobs=1, min_tokens=2, max_new_tokens=NEW)
     params = [SamplingParams(n=3, seed=11, **rich), SamplingParams(n=1, seed=5, **rich),
               SamplingParams(n=2, seed=9, temperature=0.8, max_new_tokens=6), SamplingParams(n=2, max_new_tokens=4)]
     results = engine.generate(prompts, params)

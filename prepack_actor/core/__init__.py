@@ -6,4 +6,5 @@
     logits, cache = last_token_logits(model, batch)                          forward.py
     cache, attention_mask = kv_cache.unpack(cache, batch, room)              kv_cache.py
     decoded = decode(model, cache, attention_mask, ..., sampler, ...)        decode.py, sampling.py
+    params = SamplingParams(temperature=0.7, n=2, logprobs=3)                params.py (no torch)
 """

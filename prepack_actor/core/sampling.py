@@ -149,11 +149,12 @@ class Sampler:
             pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=x.shape[-1] - 1)
             tokens = torch.where(self.temperature > 0, order.gather(-1, pick).squeeze(-1), tokens)
         step = Step(tokens, self._logprobs(raw, tokens) if any(k is not None for k in self.k) else None)
-        rows = torch.arange(len(tokens), device=tokens.device)
-        if self.seen is not None:
-            self.seen[rows, tokens] = True
-        if self.counts is not None:
-            self.counts[rows, tokens] += 1
+        if self.seen is not None or self.counts is not None:
+            rows = torch.arange(len(tokens), device=tokens.device)
+            if self.seen is not None:
+                self.seen[rows, tokens] = True
+            if self.counts is not None:
+                self.counts[rows, tokens] += 1
         self.generated += 1
         return step
 
