@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from .config import StorageConfig
 
 SUMMARY_NAME = "_summary.json"  # written beside the output shards, last; never read as one
+JSONL_TEXT_COLUMNS = pa.schema([("id", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
 EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}
 
 
@@ -106,15 +107,30 @@ def read_table(path: str, fmt: str, storage: StorageConfig | None = None, column
     with fs.open(path, "rb") as fh:
         if fmt == "parquet":
             return pq.read_table(fh, columns=columns)
-        table = pajson.read_json(fh)
+        # One block for the whole file: a row longer than a block ("straddling object") cannot
+        # be parsed, and rows carry prompts and columns of any size.
+        # Ids and errors are text whatever they look like (pyarrow infers "2024-01-01" as a timestamp).
+        block = max(1 << 20, min(fs.size(path) + 1, 2 ** 31 - 1))
+        table = pajson.read_json(fh, read_options=pajson.ReadOptions(block_size=block),
+                                 parse_options=pajson.ParseOptions(explicit_schema=JSONL_TEXT_COLUMNS))
         return table.select(columns) if columns else table
 
 
+class UnreadableOutput(OSError):
+    """A data file of the output that cannot be read; the message names it."""
+
+
 def read_output(path: str, fmt: str, storage: StorageConfig | None = None, columns: list[str] | None = None):
-    """Iterate a job's output as pyarrow tables, one per data file (only `columns` when given)."""
+    """Iterate a job's output as pyarrow tables, one per data file (only `columns` when given).
+    A file that cannot be read raises UnreadableOutput naming it."""
     fs, files = output_files(path, fmt, storage)
     for f in files:
-        yield read_table(f, fmt, storage, columns, fs=fs)
+        try:
+            table = read_table(f, fmt, storage, columns, fs=fs)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt, not ours: name the file
+            raise UnreadableOutput(f"cannot read the output file {f!r}: {type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0][:200]}") from None
+        yield table
 
 
 def write_json(obj: dict, path: str, storage: StorageConfig | None = None) -> None:
