@@ -36,53 +36,59 @@ def errors(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "config error"))]
 
 
-def parsed_poison(tmp_path, policy="error"):
-    """Both poison shards parsed, scanned and marked as the job does (scan.py, read.py)."""
+def parsed_poison(tmp_path, tok, policy="error"):
+    """Both poison shards parsed, scanned, marked and prepared as the job does (scan.py,
+    read.py, the task's prepare)."""
+    from prepack_actor.job.rows import parse_jsonl_shard
     shards = poison_shards(tmp_path)
     scans = [scan_shard((shards["dir"] / n).read_bytes(), n, n, "jsonl", set(TASK.output_schema.names))
              for n in ("a.jsonl", "b.jsonl")]
     scan = combine(scans)
     rows = []
     for s in scans:
-        from prepack_actor.job.rows import parse_jsonl_shard
         parsed = parse_jsonl_shard((shards["dir"] / s.name).read_bytes(), s.name)
         for i, (k, first) in scan.repeats.get(s.path, {}).items():
             mark_repeat(parsed[i], k, first, policy)
-        rows += parsed
+        rows += [TASK.prepare_row(r, tok, 2048) for r in parsed]
     return shards, scan, rows
 
 
-def test_every_poison_line_becomes_a_row_with_a_unique_id(tmp_path):
-    shards, scan, rows = parsed_poison(tmp_path)
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir("llama"))[0]
+
+
+def test_every_poison_line_becomes_a_row_with_a_unique_id(tmp_path, tok):
+    shards, scan, rows = parsed_poison(tmp_path, tok)
     assert scan.rows_in == len(rows) == len(shards["expected"]) == 35
     kinds = {r["id"]: r["error_kind"] for r in rows}
     assert len(kinds) == len(rows)  # unique ids: "1" vs 1, repeats within and across shards
     assert kinds == shards["expected"]
     by_id = {r["id"]: r for r in rows}
     assert "lone UTF-16 surrogate \\ud800" in by_id["surr"]["error"] and "note" in by_id["surr-carry"]["error"]
-    assert "max_new_tokens must be an int in [1, 2147483647], got 2147483648" in by_id["mnt-big"]["error"]
-    assert "seed must be an int in [0, 9223372036854775807]" in by_id["seed-big"]["error"]
+    assert by_id["mnt-big"]["error"] == "sampling_params.max_new_tokens: expected an int <= 2147483647, got 2147483648"
+    assert by_id["seed-big"]["error"].startswith("sampling_params.seed: expected an int <= 9223372036854775807")
     assert by_id["seed-max"]["seed"] == 2 ** 63 - 1 and by_id["g2"]["prompt"] == "smile \U0001F600 please"
     assert by_id["dup#2"]["error"].startswith("duplicate id 'dup' (first at a.jsonl line 19), written as 'dup#2'")
     assert by_id["dup#1"]["prompt"] == PROMPTS[2]  # a duplicate_id row keeps its prompt
     assert "nested deeper than 100 levels" in by_id["deep"]["error"]
     assert "RecursionError" in by_id["a.jsonl:25"]["error"] and "digits" in by_id["a.jsonl:26"]["error"]
     # suffix: the same ids, the repeats run
-    _, _, rows = parsed_poison(tmp_path / "s", policy="suffix")
+    _, _, rows = parsed_poison(tmp_path / "s", tok, policy="suffix")
     assert {r["id"] for r in rows} == set(kinds)
     assert {r["id"]: r["error_kind"] for r in rows}["x#2"] is None
 
 
-def test_carried_columns_have_one_schema_in_any_group(tmp_path):
+def test_carried_columns_have_one_schema_in_any_group(tmp_path, tok):
     """Each row alone (a group of one) gives the same schema as all rows together; values
     that cannot share an Arrow type are JSON text, read back with json.loads."""
-    _, scan, rows = parsed_poison(tmp_path)
+    _, scan, rows = parsed_poison(tmp_path, tok)
     sigs = {k: str(scan.carried.field(k).type) + ("/json" if is_json(scan.carried.field(k)) else "")
             for k in scan.carried.names}
     assert sigs == {"meta": "string/json", "tags": "list<item: string>",
                     "nested": "struct<k: struct<j: list<item: int64>>>", "empty": "string/json",
                     "big": "string/json", "score": "string/json", "messages": "string/json", "doc": "string"}
-    out = [TASK.output_row(dict(r, num_input_tokens=0)) for r in rows]
+    out = [TASK.output_row(r) for r in rows]
     whole = TASK.to_table(out, scan.carried)
     for r in out:
         one = TASK.to_table([r], scan.carried)

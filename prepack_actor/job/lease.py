@@ -18,37 +18,19 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import posixpath
 import socket
 import threading
 import time
 import uuid
 
 from .config import StorageConfig
-from .storage import filesystem, is_local, write_bytes_atomic
+from .storage import filesystem, write_bytes_atomic
 
 LEASE_NAME = "_lease.json"
 
 
 class LeaseError(RuntimeError):
     """The output path is held by another job (the message is one line, naming it)."""
-
-
-def _create_exclusive(fs, root: str, data: bytes) -> None:
-    """Write `data` at root only if nothing is there (FileExistsError otherwise), atomically."""
-    if is_local(fs):
-        fs.makedirs(posixpath.dirname(root), exist_ok=True)
-        tmp = posixpath.join(posixpath.dirname(root), f"_tmp-{uuid.uuid4().hex}.lease")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, root)  # fails with FileExistsError when root exists
-        finally:
-            os.unlink(tmp)
-    else:
-        fs.pipe_file(root, data, mode="create")  # s3fs: a conditional PUT (If-None-Match: *)
 
 
 class Lease:
@@ -81,7 +63,7 @@ class Lease:
     def acquire(self) -> "Lease":
         for _ in range(5):
             try:
-                _create_exclusive(self.fs, self.root, self._body())
+                write_bytes_atomic(self._body(), self.file, self.storage, create=True)
             except FileExistsError:
                 held = self.read()
                 if held is None:  # released meanwhile: try again

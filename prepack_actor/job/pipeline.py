@@ -162,7 +162,6 @@ def dry_run_rows(fs, shards, processor: Processor, limit: int = 0, n: int = 5) -
     """Parse and prepare the first rows of the first shard, print them; no Ray, no writes."""
     from ..models import load_tokenizer
     from .read import parse_shard, shard_names
-    from .rows import short
     path, fmt = shards[0]
     data = fs.cat_file(path) if fmt == "parquet" else fs.cat_file(path, start=0, end=1 << 20)
     if fmt != "parquet" and len(data) == 1 << 20:
@@ -174,7 +173,7 @@ def dry_run_rows(fs, shards, processor: Processor, limit: int = 0, n: int = 5) -
     for r in rows:
         r = processor.task.prepare_row(r, tokenizer, max_context)
         what = f"error {r['error_kind']}: {r['error']}" if r["error"] else f"{r['num_input_tokens']} tokens"
-        print(f"  {short(r['id'])}: {what}")
+        print(f"  {r['id'] if len(r['id']) <= 60 else r['id'][:57] + '...'}: {what}")
     print("dry run: config, input and model are usable; nothing was written")
 
 

@@ -55,11 +55,14 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None) -> int:
-    """Write a whole file so that no reader sees it half written (see module doc); returns its size."""
+def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None, create: bool = False) -> int:
+    """Write a whole file so that no reader sees it half written (see module doc); returns its size.
+
+    create=True writes only if nothing is at `path` (else FileExistsError), atomically too:
+    locally a hard link of the complete temporary file, on S3 a conditional PUT (If-None-Match)."""
     fs, root = filesystem(path, storage)
     if not is_local(fs):
-        fs.pipe_file(root, data)  # one PUT (or multipart upload): atomic per object
+        fs.pipe_file(root, data, **({"mode": "create"} if create else {}))  # one PUT: atomic per object
         return len(data)
     fs.makedirs(posixpath.dirname(root), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(root), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(root)}.part")
@@ -67,7 +70,13 @@ def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = N
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, root)  # atomic on POSIX; a retried writer of the same name just replaces it
+    if create:
+        try:
+            os.link(tmp, root)  # fails when root exists
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, root)  # atomic on POSIX; a retried writer of the same name just replaces it
     return len(data)
 
 
