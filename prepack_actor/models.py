@@ -14,12 +14,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import transformers.dynamic_module_utils as _dynamic
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .core import attention
 from .tiny import ARCHS, SIZES, build_tiny_model
 
 attention.register()  # "prepack_varlen" is known to transformers wherever models are loaded
+# A checkpoint with its own code runs it only when the caller passes trust_remote_code=True.
+# Every load here passes it explicitly; with no prompt timeout, a call that forgot would
+# raise instead of asking "[y/N]" on a terminal (transformers prompts when it is None).
+_dynamic.TIME_OUT_REMOTE_CODE = 0
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -101,9 +106,10 @@ def context_length(config) -> int | None:
 
 
 @lru_cache(maxsize=2)
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """(tokenizer, max_context) for a resolved checkpoint path, no weights; cached per process."""
-    return AutoTokenizer.from_pretrained(path), context_length(AutoConfig.from_pretrained(path))
+    return (AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+            context_length(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)))
 
 
 def resolve_model_path(path: str, cache_dir: str | Path) -> str:

@@ -77,3 +77,61 @@ def write_inputs(root: Path) -> dict:
     return {"dir": d, "num_rows": 2 + len(mixed) + 2,
             "bad": {("b.jsonl:%d" % (i + 2) if k in ("invalid_json", "invalid_utf8", "not_an_object")
                      else json.loads(b)["id"]): k for i, (b, k) in enumerate(BAD_LINES)}}
+
+
+# ---- poison rows (docs/failure.md "Every row is data") ----------------------------------
+LONG_PROMPT = "Tell me everything about " + "the sea and the sky " * 10  # the longest prompt by far
+BIG_DOC = "d" * (1 << 20)  # a 1 MB carried value: its JSONL output line is longer than pyarrow's default block
+
+
+def poison_shards(root: Path) -> dict:
+    """Two JSONL shards mixing good rows with every poison; returns the paths and, per final
+    id, the expected error_kind (None = generated)."""
+    d = root / "poison"
+    d.mkdir(parents=True)
+    P = PROMPTS
+    a = [json.dumps({"id": "g0", "prompt": P[0], "meta": 1, "tags": ["a"], "nested": {"k": {"j": [1, 2]}}}),
+         json.dumps({"id": "g1", "prompt": P[1], "meta": "one", "tags": [], "empty": {}, "big": 2 ** 70}),
+         '{"id": "g2", "prompt": "smile \\ud83d\\ude00 please", "score": NaN}',  # a valid surrogate pair; NaN
+         '{"id": "surr", "prompt": "bad \\ud800 text"}',  # valid JSON, not valid Unicode
+         '{"id": "surr-carry", "prompt": "fine", "note": "x\\udfff"}',
+         json.dumps({"id": "mnt-str", "prompt": "p", "max_new_tokens": "5"}),
+         json.dumps({"id": "mnt-big", "prompt": "p", "max_new_tokens": 2 ** 31}),
+         json.dumps({"id": "mnt-float", "prompt": "p", "max_new_tokens": 3.0}),
+         json.dumps({"id": "seed-big", "prompt": "p", "seed": 2 ** 63}),
+         json.dumps({"id": "seed-neg", "prompt": "p", "seed": -1}),
+         json.dumps({"id": "seed-max", "prompt": P[2], "seed": 2 ** 63 - 1}),
+         json.dumps({"id": "msg-str", "messages": "hello"}),
+         json.dumps({"id": "../../x", "prompt": P[3]}),
+         json.dumps({"id": "a/b", "prompt": P[0]}),
+         json.dumps({"id": "L" * 10000, "prompt": P[1]}),
+         json.dumps({"id": "", "prompt": P[2]}),
+         json.dumps({"id": 1, "prompt": P[3]}),
+         json.dumps({"id": "1", "prompt": P[0]}),  # collides with the number 1 above
+         json.dumps({"id": "dup", "prompt": P[1]}),
+         json.dumps({"id": "dup", "prompt": P[2]}),
+         json.dumps({"id": "x#1", "prompt": P[3]}),
+         json.dumps({"id": "x", "prompt": P[0]}),
+         json.dumps({"id": "x", "prompt": P[1]}),  # its suffix skips x#1, an input id
+         json.dumps({"id": "deep", "prompt": "p", "d": json.loads("[" * 150 + "]" * 150)}),
+         '{"id": "deeper", "d": ' + "[" * 5000 + "]" * 5000 + "}",  # past Python's recursion limit
+         '{"id": "digits", "prompt": "p", "n": 1' + "0" * 5000 + "}",  # an int too long to convert
+         json.dumps({"id": 2.5, "prompt": P[2]}),
+         json.dumps({"id": {"k": 1}, "prompt": P[3]}),
+         json.dumps({"prompt": P[0]}),  # derived id poison/a.jsonl:29
+         json.dumps({"id": "long", "prompt": LONG_PROMPT}),
+         json.dumps({"id": "big-doc", "prompt": P[2], "doc": BIG_DOC})]
+    b = [json.dumps({"id": "dup", "prompt": P[3]}),  # a repeat across shards
+         json.dumps({"id": "a.jsonl:29", "prompt": P[1]}),  # repeats a derived id
+         json.dumps({"id": "g9", "prompt": P[2], "meta": 5, "nested": {"k": {"j": [3]}}, "empty": {"z": 1}}),
+         json.dumps({"id": "chat", "messages": MESSAGES})]
+    (d / "a.jsonl").write_text("\n".join(a) + "\n")
+    (d / "b.jsonl").write_text("\n".join(b) + "\n")
+    errors = {"surr": "invalid_unicode", "surr-carry": "invalid_unicode", "mnt-str": "bad_field",
+              "mnt-big": "bad_field", "mnt-float": "bad_field", "seed-big": "bad_field", "seed-neg": "bad_field",
+              "msg-str": "bad_messages", "1#1": "duplicate_id", "dup#1": "duplicate_id", "x#2": "duplicate_id",
+              "deep": "bad_field", "a.jsonl:25": "invalid_json", "a.jsonl:26": "invalid_json",
+              "dup#2": "duplicate_id", "a.jsonl:29#1": "duplicate_id"}
+    good = ["g0", "g1", "g2", "seed-max", "../../x", "a/b", "L" * 10000, "", "1", "dup", "x#1", "x", "2.5",
+            '{"k": 1}', "a.jsonl:29", "long", "big-doc", "g9", "chat"]
+    return {"dir": d, "expected": {**{i: None for i in good}, **errors}}

@@ -42,3 +42,19 @@ def test_job_reads_and_writes_s3(moto_s3, tiny_model_dir, ray_local, tmp_path):
     assert on_s3["rows_out"] == inputs["num_rows"] and on_s3["rows_error"] == len(inputs["bad"])
     assert on_s3["tokens_out"] == sum(r["num_generated_tokens"] for r in rows.values())
     assert on_s3["config"]["input"]["path"] == "s3://prompts/in/"
+
+
+def test_lease_on_s3_is_a_conditional_put(moto_s3):
+    """Two jobs on one s3:// output: the second is refused by the store itself (If-None-Match)."""
+    import s3fs
+
+    from prepack_actor.job.lease import LEASE_NAME, LeaseError, acquire_lease
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3}).mkdir("leases")
+    first = acquire_lease("s3://leases/out/", None, ttl_s=30)
+    with pytest.raises(LeaseError, match=first.owner):
+        acquire_lease("s3://leases/out/", None, ttl_s=30)
+    fs, root = filesystem(f"s3://leases/out/{LEASE_NAME}")
+    with pytest.raises(FileExistsError):  # not a check-then-write: the PUT itself is refused
+        fs.pipe_file(root, b"{}", mode="create")
+    first.release()
+    acquire_lease("s3://leases/out/", None, ttl_s=30).release()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
 VLLM_NAMES = {"max_tokens": "max_new_tokens"}  # vLLM's name -> ours, for a hint in errors
+INT32_MAX, INT64_MAX = 2 ** 31 - 1, 2 ** 63 - 1  # counts fit an int32 length; seeds an int64 column
 
 
 @dataclass
@@ -34,8 +35,9 @@ class SamplingParams:
 
     def __post_init__(self):
         for key, low in (("max_new_tokens", 1), ("top_k", 0), ("n", 1), ("min_tokens", 0)):
-            _check(key, getattr(self, key), _is_int(getattr(self, key)) and getattr(self, key) >= low,
-                   f"an int >= {low}")
+            v = getattr(self, key)
+            _check(key, v, _is_int(v) and v >= low, f"an int >= {low}")
+            _check(key, v, v <= INT32_MAX, f"an int <= {INT32_MAX}")
         for key, ok, expected in (
                 ("temperature", lambda v: v >= 0, "a number >= 0"),
                 ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -46,9 +48,10 @@ class SamplingParams:
             v = getattr(self, key)
             _check(key, v, _is_number(v) and ok(v), expected)
             setattr(self, key, float(v))
-        for key in ("seed", "logprobs"):
+        for key, high in (("seed", INT64_MAX), ("logprobs", INT32_MAX)):
             v = getattr(self, key)
             _check(key, v, v is None or (_is_int(v) and v >= 0), "null or an int >= 0")
+            _check(key, v, v is None or v <= high, f"an int <= {high}")
         _check("min_tokens", self.min_tokens, self.min_tokens <= self.max_new_tokens,
                f"an int <= max_new_tokens ({self.max_new_tokens})")
         _check("ignore_eos", self.ignore_eos, isinstance(self.ignore_eos, bool), "true or false")
@@ -84,7 +87,8 @@ def _is_number(v) -> bool:
 
 def _check(key: str, value, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{key}: expected {expected}, got {value!r}")
+        text = repr(value)
+        raise ValueError(f"{key}: expected {expected}, got {text if len(text) <= 80 else text[:77] + '...'}")
 
 
 def sequence_seeds(seed: int, n: int) -> list[int]:

@@ -8,7 +8,10 @@ Input: group records (rows.GROUP_SCHEMA), one token-bounded group each. Output: 
 input row (task.output_row). Error rows pass through without touching the model. A group
 the model fails on is halved and retried (oom.run_splitting) until the failure is one
 row's: out of memory -> an `out_of_memory` row, any other exception -> an `engine_error`
-row; the other rows of the group are unaffected. `faults` is the test-only fault plan
+row; the other rows of the group are unaffected. Anything else that fails while a group's
+output is built turns that group's rows into `internal_error` rows: the exception boundary
+is the row, at worst the group, never the dataset. `carried` is the job's carried-column
+schema (scan.py; None in a user's pipeline). `faults` is the test-only fault plan
 (faults.FaultPlan.to_dict()), None in normal runs. `stage_to` (the job) writes each group's
 rows to the output's staging folder and returns the staged file instead of the rows.
 """
@@ -32,26 +35,34 @@ def actor_device(device: str, gpus_per_actor: float) -> str:
 
 
 class PrepackActor:
-    def __init__(self, config: ProcessorConfig, faults: dict | None = None, stage_to: dict | None = None):
+    def __init__(self, config: ProcessorConfig, faults: dict | None = None, stage_to: dict | None = None,
+                 carried: pa.Schema | None = None):
         if config.actors.torch_threads:
             torch.set_num_threads(config.actors.torch_threads)
         m = config.model
         path = resolve_model_path(m.path, m.cache_dir)
         model, tokenizer = load_model(path, m.dtype, actor_device(m.device, config.actors.gpus_per_actor),
-                                      m.attn_implementation)
+                                      m.attn_implementation, trust_remote_code=m.trust_remote_code)
         self.task = make_task(config)
         self.runner = self.task.runner(model, tokenizer, config.packing)
         self.faults = FaultPlan(**faults) if faults else FaultPlan()
         self.stage_to = stage_to  # the job: stage each group's rows here (writer.py) and return the file
+        self.carried = carried
         self.groups_done = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
+        tables = []
         for blob in batch.column("rows").to_pylist():
             self.faults.before_group(self.groups_done)
-            out.extend(self.run_group(unpack_group(blob)))
+            rows = unpack_group(blob)
+            try:
+                tables.append(self.task.to_table(self.run_group(rows), self.carried))
+            except Exception as e:  # noqa: BLE001 - our own failure: the group's rows say so, the job goes on
+                reason = f"the job failed on this row's group: {type(e).__name__}: {str(e)[:300]}"
+                tables.append(self.task.to_table([self.task.output_row(dict(r, carry={}), error=("internal_error", reason))
+                                                  for r in rows], self.carried))
             self.groups_done += 1
-        table = self.task.to_table(out)
+        table = pa.concat_tables(tables) if tables else self.task.to_table([], self.carried)
         # Staged here, not by a task after the pool: on a busy cluster such a task waits for a CPU
         # behind the tokenize tasks, and no file reaches storage until the input is read.
         return stage_stage(table, **self.stage_to) if self.stage_to else table

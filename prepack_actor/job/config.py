@@ -16,6 +16,7 @@ exits 2 before any work starts (`config_or_exit`).
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,14 @@ def _at_least(key: str, value, low) -> None:
 class ModelConfig:
     path: str = "tiny:llama"  # HF id, local dir, or tiny:ARCH[:SIZE] (built locally once)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     attn_implementation: str = "sdpa"  # sdpa | eager
     cache_dir: str = "artifacts/models"  # where tiny:* checkpoints are built
+    trust_remote_code: bool = False  # true: run a checkpoint's own Python code (auto_map); never asked interactively
 
     def __post_init__(self):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"model.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
         _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         if not self.path:
@@ -78,9 +82,11 @@ class InputConfig:
     path: str = ""  # file, dir, glob or URL (s3://bucket/prefix/); "" = bundled sample
     format: str = "auto"  # jsonl | parquet | auto (by file extension)
     limit: int = 0  # run only the first N rows (in shard order), >= 0; 0 = all
+    duplicate_ids: str = "error"  # a repeated id: error (a duplicate_id row) | suffix (runs as <id>#<k>)
 
     def __post_init__(self):
         _choice("input.format", self.format, ("jsonl", "parquet", "auto"))
+        _choice("input.duplicate_ids", self.duplicate_ids, ("error", "suffix"))
         _at_least("input.limit", self.limit, 0)
 
 
@@ -91,8 +97,11 @@ class OutputConfig:
     mode: str = "resume"  # resume (run only ids not yet written) | overwrite | error_if_exists
     rows_per_file: int = 20000  # rows per data file, >= 0 (0 = by size only); the last file holds the rest
     file_mb: float = 128.0  # a data file is cut at about this many MB of staged output, >= 0 (0 = by rows only)
+    lease_s: float = 60.0  # the output path's lease (one job at a time) lasts this long unless renewed, > 0
 
     def __post_init__(self):
+        if self.lease_s <= 0:
+            raise ConfigError(f"output.lease_s: expected a number > 0, got {self.lease_s!r}")
         _choice("output.format", self.format, ("parquet", "jsonl"))
         _choice("output.mode", self.mode, ("error_if_exists", "overwrite", "resume"))
         _at_least("output.rows_per_file", self.rows_per_file, 0)
@@ -166,8 +175,11 @@ class ActorsConfig:
     max_tasks_in_flight: int = 2  # groups queued per actor, >= 1
     max_restarts: int = 4  # times Ray restarts a dead actor (crash, OOM kill), >= -1 (-1 = forever)
     max_task_retries: int = 4  # times a group is retried after its actor died, >= -1 (-1 = forever)
+    placement_timeout_s: float = 60.0  # fail when the cluster cannot place the pool within this, > 0
 
     def __post_init__(self):
+        if self.placement_timeout_s <= 0:
+            raise ConfigError(f"actors.placement_timeout_s: expected a number > 0, got {self.placement_timeout_s!r}")
         c = self.concurrency
         if isinstance(c, (list, tuple)) or hasattr(c, "__len__"):
             c = list(c)

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .config import StorageConfig
+from .lease import LEASE_NAME
 from .read import JobError
-from .storage import SUMMARY_NAME, filesystem, is_local, read_json, read_output, read_table, write_json
+from .retry import release_retryable
+from .storage import SUMMARY_NAME, UnreadableOutput, filesystem, is_local, read_json, read_output, read_table, write_json
 from .writer import staged_files
 
 MODES = ("error_if_exists", "overwrite", "resume")
@@ -33,6 +35,7 @@ class OutputState:
     committed: set[str] = field(default_factory=set)  # ids in data files
     staged: list[str] = field(default_factory=list)  # staging files of an interrupted run
     finished_before: bool = False  # the earlier run had completed (its summary existed)
+    released: int = 0  # retryable error rows (retry.py) taken out so that this run redoes them
 
 
 def _join(path: str, name: str) -> str:
@@ -48,6 +51,8 @@ def prepare_output(path: str, storage: StorageConfig | None, mode: str, fmt: str
         return _prepare_output(path, storage, mode, fmt, job_info)
     except JobError:
         raise
+    except UnreadableOutput as e:  # a resume must read what is there: name the file
+        raise JobError(f"output.path {path!r}: {e}; move it away, or use output.mode=overwrite") from None
     except Exception as e:  # noqa: BLE001 - the store's own error: one line
         raise JobError(f"output.path {path!r}: cannot write: {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
@@ -56,13 +61,19 @@ def prepare_output(path: str, storage: StorageConfig | None, mode: str, fmt: str
 def _prepare_output(path: str, storage: StorageConfig | None, mode: str, fmt: str,
                     job_info: dict | None) -> OutputState:
     fs, root = filesystem(path, storage)
-    exists = fs.exists(root) and (fs.isfile(root) or bool(fs.ls(root)))
+    entries = [p for p in fs.ls(root, detail=False) if posixpath.basename(p.rstrip("/")) != LEASE_NAME] \
+        if fs.isdir(root) else []
+    exists = fs.exists(root) and (fs.isfile(root) or bool(entries))
     state = OutputState()
     if exists and mode == "error_if_exists":
         raise JobError(f"output.path {path!r} is not empty (output.mode=overwrite replaces it, "
                           "output.mode=resume finishes an interrupted run)")
     if exists and mode == "overwrite":
-        fs.rm(root, recursive=True)
+        if fs.isfile(root) or read_json(_join(path, JOB_INFO_NAME), storage) is None:
+            raise JobError(f"output.path {path!r} is not empty and was not written by this job (no "
+                           f"{JOB_INFO_NAME}); output.mode=overwrite deletes only a job's own output folder")
+        for p in entries:  # everything but this job's lease
+            fs.rm(p, recursive=True)
     if exists and mode == "resume":
         old = read_json(_join(path, JOB_INFO_NAME), storage)
         if old is None:
@@ -80,6 +91,7 @@ def _prepare_output(path: str, storage: StorageConfig | None, mode: str, fmt: st
             for p in fs.find(root):
                 if posixpath.basename(p).startswith("_tmp-"):
                     fs.rm(p)
+        state.released = release_retryable(path, fmt, storage)  # their ids run again
         state.committed = finished_ids(path, fmt, storage)
         state.staged = staged_files(path, storage)
         state.done_ids = state.committed | _ids(state.staged, storage)

@@ -3,9 +3,11 @@
     summary = run(cfg)               # cfg: GenerateConfig | ScoreJobConfig (conf/*.yaml); JobError on failure
     run(cfg, dry_run=True)           # preflight, then prepare and print the first rows; writes nothing
 
-Faults (docs/failure.md): output.mode picks error_if_exists | overwrite | resume (only ids
-not yet written run); dead actors are restarted and their groups redone; groups are staged,
-then committed into sized data files exactly once (writer.py); _summary.json comes last.
+Faults (docs/failure.md): one job per output path (lease.py); input and output paths checked
+(paths.py); a pre-pass counts rows, finds repeated ids and types carried columns (scan.py);
+output.mode picks error_if_exists | overwrite | resume (only ids not yet written run, and
+retryable error rows again); dead actors are restarted and their groups redone; groups are
+staged, then committed into sized data files exactly once (writer.py); _summary.json last.
 """
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ from importlib import resources
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in forked Ray workers
 import ray  # noqa: E402
 
+from .carry import CARRIED_NAME, carried_conflicts, carried_record  # noqa: E402
 from .config import ConfigError, to_dict  # noqa: E402
 from .faults import FaultPlan  # noqa: E402
+from .lease import LeaseError, acquire_lease  # noqa: E402
 from .output import prepare_output, skip_done  # noqa: E402
-from .read import JobError, list_shards, read_rows, start_ray  # noqa: E402
+from .paths import path_conflict  # noqa: E402
+from .read import JobError, list_shards, read_rows, shard_names, start_ray  # noqa: E402
+from .rows import RETRYABLE_KINDS  # noqa: E402
+from .scan import scan_input  # noqa: E402
 from .stage import Processor  # noqa: E402
-from .storage import SUMMARY_NAME, read_output, write_json  # noqa: E402
+from .storage import SUMMARY_NAME, read_json, read_output, write_json  # noqa: E402
 from .summary import SummaryAccumulator, format_table  # noqa: E402
 from .task import make_task  # noqa: E402
 from .writer import Committer  # noqa: E402
@@ -29,26 +36,63 @@ from .writer import Committer  # noqa: E402
 
 def run(cfg, dry_run: bool = False) -> dict | None:
     pcfg = cfg.processor()
-    # 1. Preflight, before Ray starts: input listed, model readable, output mode applied.
+    # 1. Preflight, before Ray starts: input listed, paths safe, model readable.
     input_path = cfg.input.path or str(resources.files("prepack_actor") / "data" / make_task(pcfg).sample)
     fs, shards = list_shards(input_path, cfg.input.format, cfg.storage)
+    problem = path_conflict(input_path, cfg.output.path, cfg.output.mode, cfg.storage)
+    if problem:
+        raise JobError(problem)
     try:
         processor = Processor(pcfg, faults=FaultPlan.from_env())  # test-only faults (PREPACK_FAULT_*), off by default
     except ConfigError as e:  # e.g. packing.memory_budget_gb too small for this model
         raise JobError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - e.g. a missing or broken checkpoint
         raise JobError(_model_error(cfg, e)) from None
-    task = processor.task
     if dry_run:
         return dry_run_rows(fs, shards, processor, cfg.input.limit)
+    try:  # one job per output path (lease.py), held until the end whatever happens
+        lease = acquire_lease(cfg.output.path, cfg.storage, cfg.output.lease_s)
+    except LeaseError as e:
+        raise JobError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - no bucket, no permission: one line
+        raise JobError(f"output.path {cfg.output.path!r}: cannot write: {type(e).__name__}: {e}") from None
+    try:
+        return _run(cfg, processor, input_path, fs, shards, lease)
+    except LeaseError as e:
+        raise JobError(str(e)) from None
+    finally:
+        lease.release()
+
+
+def _run(cfg, processor: Processor, input_path: str, fs, shards, lease) -> dict:
+    task = processor.task
     start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray; checks the pool fits
+
+    # 2. Scan: rows per shard, repeated ids, the carried columns' one schema (scan.py).
+    scan = scan_input(fs, shards, shard_names(shards), set(task.output_schema.names))
+    if scan.num_repeats:
+        print(f"input: {scan.num_repeats} rows repeat an earlier row's id; written as <id>#<k> "
+              f"({'duplicate_id error rows' if cfg.input.duplicate_ids == 'error' else 'and run'}: "
+              f"input.duplicate_ids={cfg.input.duplicate_ids})")
+    carried_file = f"{cfg.output.path.rstrip('/')}/{CARRIED_NAME}"
+    before = read_json(carried_file, cfg.storage) if cfg.output.mode == "resume" else None
+    conflicts = carried_conflicts(before, scan.sigs)
+    if conflicts:  # the files written so far would not share one schema with the new ones
+        raise JobError(f"output.path {cfg.output.path!r} holds rows whose carried columns had other types "
+                       f"({'; '.join(conflicts)}): the input changed; use output.mode=overwrite or another output.path")
+
     settings = to_dict(cfg)
     job_info = {k: v for k, v in settings.items() if k in task.job_keys}
     if task.name == "score":  # a pair wider than a row is an error row: the capacity decides content
         job_info["packing.pack_capacity"] = settings["packing"]["pack_capacity"]
     job_info["input"].pop("limit", None)  # a try-out on the first rows may be continued in full
+    job_info["model"].pop("trust_remote_code", None)  # permission, not content
     job_info["output_format"] = cfg.output.format  # resume refuses outputs of other settings
     state = prepare_output(cfg.output.path, cfg.storage, cfg.output.mode, cfg.output.format, job_info)
+    write_json(carried_record(scan.sigs, before), carried_file, cfg.storage)
+    if state.released:
+        print(f"resuming: {state.released} rows that failed for a cause that can pass "
+              f"({', '.join(RETRYABLE_KINDS)}) run again")
     if state.done_ids:
         print(f"resuming: {len(state.done_ids)} rows already written under {cfg.output.path!r} "
               f"({'a finished run' if state.finished_before else 'an interrupted run'}); only other ids run")
@@ -58,39 +102,42 @@ def run(cfg, dry_run: bool = False) -> dict | None:
     for f in state.staged:  # finished groups of an interrupted run: commit them first
         committer.add(f)
 
-    # 2. Read: one task per shard, every line or record becomes a row (bad ones carry `error`).
-    ds, counter = read_rows(fs, shards)
+    # 3. Read: one task per shard, every line or record becomes a row (bad ones carry `error`).
+    ds = read_rows(fs, shards, scan.repeats, cfg.input.duplicate_ids, processor.faults)
     if cfg.input.limit:  # the first N rows in shard order (a try-out run)
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         ds = ds.limit(cfg.input.limit)
     ds = skip_done(ds, state.done_ids)  # resume: rows already in finished files are not redone
 
-    # 3. The stage: prepare (tokenize) -> length-aware groups -> actor pool (stage.py).
-    # 4. Write while it runs: each actor stages its group's rows; the driver commits data files of
+    # 4. The stage: prepare (tokenize) -> length-aware groups -> actor pool (stage.py).
+    # 5. Write while it runs: each actor stages its group's rows; the driver commits data files of
     #    output.rows_per_file rows / output.file_mb as groups finish (writer.py: exactly once).
-    ds = processor.run_parsed(ds, stage_to=dict(path=out.path, storage=cfg.storage))
+    ds = processor.run_parsed(ds, stage_to=dict(path=out.path, storage=cfg.storage), carried=scan.carried)
     progress = Progress()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        lease.check()  # another job took the path over: stop before committing more
         for f, size in zip(batch.column("file").to_pylist(), batch.column("num_bytes").to_pylist()):
             committer.add(f, size)
         progress.update(committer)
+    lease.check()
     committer.finish()
     wall_s = time.perf_counter() - t0
 
-    # 5. Summary: read back only the small columns of what was written.
+    # 6. Summary: read back only the small columns of what was written.
     acc = SummaryAccumulator(task.summary_columns)
     for table in read_output(cfg.output.path, cfg.output.format, cfg.storage, acc.columns()):
         acc.add(table.to_pydict())
-    rows_in = sum(ray.get(counter.get.remote()).values())
-    rows_in = min(rows_in, cfg.input.limit) if cfg.input.limit else rows_in
+    rows_in = min(scan.rows_in, cfg.input.limit) if cfg.input.limit else scan.rows_in
     summary = acc.finish(task, rows_in=rows_in, wall_s=wall_s, model=cfg.model.path,
                          model_path=processor.model_path, input=input_path, output=cfg.output.path,
                          num_shards=len(shards), rows_reused=len(state.done_ids),
-                         rows_new=acc.rows_out - len(state.done_ids), files_written=committer.files_written,
+                         rows_new=acc.rows_out - len(state.done_ids), rows_retried=state.released,
+                         duplicate_ids=scan.num_repeats, files_written=committer.files_written,
                          first_file_s=committer.first_file_s, config=to_dict(cfg))
     print(format_table(summary, task.headline))
     if summary["rows_out"] != rows_in:  # no _summary.json: the output is not a finished job
         raise JobError(f"rows out ({summary['rows_out']}) != rows in ({rows_in})")
+    lease.check()
     write_json(summary, f"{cfg.output.path.rstrip('/')}/{SUMMARY_NAME}", cfg.storage)  # last, atomic
     return summary
 
@@ -120,16 +167,19 @@ def dry_run_rows(fs, shards, processor: Processor, limit: int = 0, n: int = 5) -
     if fmt != "parquet" and len(data) == 1 << 20:
         data = data[: data.rfind(b"\n") + 1]  # whole lines only
     rows = parse_shard(data, shard_names(shards)[path], fmt)[: min(n, limit or n)]
-    tokenizer, max_context = load_tokenizer(processor.model_path)
+    tokenizer, max_context = load_tokenizer(processor.model_path, processor.config.model.trust_remote_code)
     print(f"dry run: {len(shards)} shard(s), model {processor.model_path}, task {processor.task.name}; "
           f"the first {len(rows)} rows of {path}:")
     for r in rows:
         r = processor.task.prepare_row(r, tokenizer, max_context)
         what = f"error {r['error_kind']}: {r['error']}" if r["error"] else f"{r['num_input_tokens']} tokens"
-        print(f"  {r['id']}: {what}")
+        print(f"  {r['id'] if len(r['id']) <= 60 else r['id'][:57] + '...'}: {what}")
     print("dry run: config, input and model are usable; nothing was written")
 
 
 def _model_error(cfg, e: BaseException) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
+    if "trust_remote_code" in str(e):  # transformers refused a checkpoint with its own code
+        return (f"model.path {cfg.model.path!r} contains custom code (its config names Python classes to run); "
+                "refused: set model.trust_remote_code=true to run it, only for a checkpoint you trust")
     return f"model.path {cfg.model.path!r}: cannot load: {type(e).__name__}: {first}"

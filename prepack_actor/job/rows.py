@@ -9,10 +9,12 @@ A row is a plain dict. After `parse_record` (a user's Dataset row) or `parse_jso
                        top-level `max_new_tokens` and `seed` are folded in), checked by the task
     max_new_tokens, seed: int|None   resolved by the generation task's prepare
     error: str|None, error_kind: str|None   set when the row cannot be run (ERROR_KINDS)
-    carry: bytes       pickle of every other input column, restored unchanged at the end
-The task's prepare stage then adds num_input_tokens and `payload` (its pickled prepared
-input: token ids, or an encoded scoring item), and `make_groups` cuts rows into groups that
-travel as one record each. A bad row is never dropped and never raises: it gets `error`.
+    carry: dict        every other input column, restored unchanged at the end (carry.py types it)
+The task's prepare stage then adds num_input_tokens and `payload` (its prepared input:
+token ids, or an encoded scoring item), and `make_groups` cuts rows into groups that
+travel as one record each. In Arrow (`rows_to_table`) messages, sampling_params, carry and
+payload are pickled. A bad row is never dropped and never raises: it gets `error` (docs/failure.md,
+"Every row is data": invalid Unicode, nesting, anything else).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import hashlib
 import io
 import json
 import pickle
-from typing import Any, Sequence
+import re
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -29,21 +32,73 @@ from ..core.grouping import group_by_length
 ERROR_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_prompt", "bad_prompt",
                "empty_prompt", "bad_messages", "bad_field", "prompt_too_long", "bad_shard",  # any task
                "bad_item", "bad_choices", "bad_answer", "too_long",  # scoring items
-               "engine_error", "out_of_memory")  # the model failed on this row
+               "invalid_unicode", "duplicate_id",  # any task, found while reading
+               "engine_error", "out_of_memory",  # the model failed on this row
+               "internal_error")  # the job's own code failed on this row or its group
+RETRYABLE_KINDS = ("out_of_memory", "engine_error", "internal_error")  # resume runs these rows again
 RESERVED = ("id", "prompt", "messages", "sampling_params", "max_new_tokens", "seed")
 TOP_LEVEL_SAMPLING = ("max_new_tokens", "seed")  # sampling keys a row may also give outside sampling_params
+MAX_DEPTH = 100  # nesting levels a row may have (lists, objects); deeper rows are bad_field rows
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # how one looks in JSON text
 
 
 def error_row(row_id: str, kind: str, message: str, carry: dict | None = None) -> dict:
     assert kind in ERROR_KINDS, kind
     return {"id": row_id, "prompt": None, "messages": None, "sampling_params": None, "max_new_tokens": None,
-            "seed": None, "error": message, "error_kind": kind, "carry": pickle.dumps(carry or {})}
+            "seed": None, "error": message, "error_kind": kind, "carry": dict(carry or {})}
 
 
-def validate_record(obj: Any, default_id: str, where: str) -> dict:
-    """One parsed input record -> a row (with `error` when it cannot be run)."""
+def short(value: Any, n: int = 60) -> str:
+    """A value for a message: repr, cut to about n characters (ids may be 10k long)."""
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def check_value(obj: Any, unicode: bool = True) -> str | None:
+    """What makes a parsed record unusable, or None: a lone UTF-16 surrogate in any string or
+    key (valid JSON, not valid Unicode: Arrow and UTF-8 refuse it), or nesting deeper than
+    MAX_DEPTH. Iterative, so no input can exhaust the stack."""
+    stack = [(obj, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"{path or 'the row'} is nested deeper than {MAX_DEPTH} levels"
+        if isinstance(v, str):
+            m = _SURROGATE.search(v) if unicode else None
+            if m:
+                return (f"{path or 'the row'}: lone UTF-16 surrogate \\u{ord(m.group()):04x} at character "
+                        f"{m.start()} (valid JSON, not valid Unicode)")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                name = f"{path}.{k}" if path else str(k)
+                if unicode and isinstance(k, str) and _SURROGATE.search(k):
+                    return f"key {short(k.encode('utf-8', 'backslashreplace').decode())}: lone UTF-16 surrogate"
+                stack.append((x, name, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+    return None
+
+
+def validate_record(obj: Any, default_id: str, where: str, unicode: bool = True) -> dict:
+    """One parsed input record -> a row (with `error` when it cannot be run); never raises.
+
+    unicode=False skips the surrogate search (a JSON line without a \\uD8xx escape)."""
+    try:
+        return _validate(obj, default_id, where, unicode)
+    except Exception as e:  # noqa: BLE001 - the exception boundary is the row
+        return error_row(default_id, "internal_error", f"{where}: {type(e).__name__}: {e}")
+
+
+def _validate(obj: Any, default_id: str, where: str, unicode: bool) -> dict:
     if not isinstance(obj, dict):
         return error_row(default_id, "not_an_object", f"{where}: expected a JSON object, got {type(obj).__name__}")
+    problem = check_value(obj, unicode)
+    if problem is not None:
+        raw = obj.get("id")
+        ok_id = isinstance(raw, str) and check_value(raw, unicode) is None
+        kind = "bad_field" if "nested deeper" in problem else "invalid_unicode"
+        return error_row(raw if ok_id else default_id, kind, f"{where}: {problem}")
     raw_id = obj.get("id")
     row_id = default_id if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id, default=str)
     carry = {k: v for k, v in obj.items() if k not in ("id", "prompt", "sampling_params") + TOP_LEVEL_SAMPLING}
@@ -54,7 +109,7 @@ def validate_record(obj: Any, default_id: str, where: str) -> dict:
     row["prompt"] = prompt if prompt is None or isinstance(prompt, str) else json.dumps(prompt, default=str)
     overrides = obj.get("sampling_params")
     if overrides is not None and not (isinstance(overrides, dict) and all(isinstance(k, str) for k in overrides)):
-        return _fail(row, "bad_field", f"sampling_params: expected an object of sampling keys, got {overrides!r}")
+        return _fail(row, "bad_field", f"sampling_params: expected an object of sampling keys, got {short(overrides)}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # null = not set (Parquet structs)
     for key in TOP_LEVEL_SAMPLING:
         if obj.get(key) is not None:
@@ -86,9 +141,8 @@ def _fail(row: dict, kind: str, message: str) -> dict:
     return row
 
 
-def parse_jsonl_shard(data: bytes, shard: str) -> list[dict]:
-    """Every line of a JSONL shard -> one row; blank lines are skipped, bad lines are error rows."""
-    rows = []
+def iter_jsonl_shard(data: bytes, shard: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for every non-blank line of a JSONL shard; bad lines are error rows."""
     for lineno, line in enumerate(io.BytesIO(data), start=1):
         if not line.strip():
             continue
@@ -96,25 +150,76 @@ def parse_jsonl_shard(data: bytes, shard: str) -> list[dict]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(error_row(default_id, "invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}"))
+            yield lineno, error_row(default_id, "invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}")
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            rows.append(error_row(default_id, "invalid_json", f"{where}: invalid JSON: {e.msg} (col {e.colno})"))
+            yield lineno, error_row(default_id, "invalid_json", f"{where}: invalid JSON: {e.msg} (col {e.colno})")
             continue
-        rows.append(validate_record(obj, default_id, where))
-    return rows
+        except (RecursionError, ValueError) as e:  # nested past Python's limit, a number too long to convert
+            yield lineno, error_row(default_id, "invalid_json", f"{where}: cannot parse: {type(e).__name__}: "
+                                                                f"{str(e)[:200]}")
+            continue
+        yield lineno, validate_record(obj, default_id, where, unicode=bool(_ESCAPED_SURROGATE.search(line)))
+
+
+def iter_parquet_shard(data: bytes, shard: str) -> Iterator[tuple[int, dict]]:
+    """(record index, row) for every record of a Parquet shard; an unreadable shard is one
+    error row; a record that cannot be converted (e.g. invalid UTF-8 in a string column) is
+    an error row of its own."""
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - a corrupt shard must not kill the job
+        yield 0, error_row(f"{shard}:0", "bad_shard", f"{shard}: unreadable Parquet: {e}")
+        return
+    for start in range(0, table.num_rows, 1024):
+        batch = table.slice(start, 1024)
+        try:
+            records = batch.to_pylist()
+        except Exception:  # noqa: BLE001 - find the records that fail, one by one
+            records = [_record(batch, i) for i in range(batch.num_rows)]
+        for i, obj in enumerate(records, start=start):
+            if isinstance(obj, Exception):
+                yield i, error_row(f"{shard}:{i}", "invalid_utf8", f"{shard} row {i}: cannot read: {obj}")
+            else:
+                yield i, validate_record(obj, f"{shard}:{i}", f"{shard} row {i}", unicode=False)
+
+
+def _record(batch, i: int):
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def parse_jsonl_shard(data: bytes, shard: str) -> list[dict]:
+    """Every line of a JSONL shard -> one row; blank lines are skipped, bad lines are error rows."""
+    return [row for _, row in iter_jsonl_shard(data, shard)]
 
 
 def parse_parquet_shard(data: bytes, shard: str) -> list[dict]:
     """Every record of a Parquet shard -> one row; an unreadable shard is one error row."""
-    import pyarrow.parquet as pq
-    try:
-        records = pq.read_table(io.BytesIO(data)).to_pylist()
-    except Exception as e:  # noqa: BLE001 - a corrupt shard must not kill the job
-        return [error_row(f"{shard}:0", "bad_shard", f"{shard}: unreadable Parquet: {e}")]
-    return [validate_record(obj, f"{shard}:{i}", f"{shard} row {i}") for i, obj in enumerate(records)]
+    return [row for _, row in iter_parquet_shard(data, shard)]
+
+
+DUPLICATE_POLICIES = ("error", "suffix")  # input.duplicate_ids
+
+
+def mark_repeat(row: dict, k: int, first: str, policy: str) -> dict:
+    """A row whose id an earlier row has (scan.py): its id becomes `<id>#<k>` (unique in the
+    job), and with policy "error" it is a `duplicate_id` row (prompt kept, not run); with
+    "suffix" it runs under the new id. A row that is already an error keeps its error."""
+    assert policy in DUPLICATE_POLICIES, policy
+    old = row["id"]
+    row["id"] = new = f"{old}#{k}"
+    note = f"duplicate id {short(old)} (first at {first}), written as {short(new)}"
+    if row["error"] is not None:
+        row["error"] += f"; {note}"
+    elif policy == "error":
+        row.update(error=f"{note}; not run (input.duplicate_ids=suffix runs it)", error_kind="duplicate_id")
+    return row
 
 
 def derived_seed(base: int, row_id: str) -> int:
@@ -136,7 +241,7 @@ ROW_SCHEMA = pa.schema([
     ("error_kind", pa.string()), ("carry", pa.binary())])  # pickled dict of carried columns
 PREPARED_SCHEMA = pa.schema(list(ROW_SCHEMA) + [
     ("num_input_tokens", pa.int64()), ("payload", pa.binary())])  # pickled task input | null
-PICKLED = ("messages", "sampling_params", "payload")  # Python objects stored as pickles between stages
+PICKLED = ("messages", "sampling_params", "carry", "payload")  # Python objects stored as pickles between stages
 GROUP_SCHEMA = pa.schema([("rows", pa.binary()), ("num_rows", pa.int64()), ("num_tokens", pa.int64())])
 
 
@@ -182,4 +287,4 @@ def unpack_group(blob: bytes) -> list[dict]:
 
 def carried(row: dict) -> dict:
     """The row's carried input columns (every input column the task does not consume)."""
-    return pickle.loads(row["carry"]) if row.get("carry") else {}
+    return dict(row.get("carry") or {})

@@ -55,7 +55,7 @@ class ScoreTask(Task):
         kind, message = error if error else (row.get("error_kind"), row.get("error"))
         r = result if kind is None else None
         ok_choices = isinstance(choices, list) and all(isinstance(c, str) for c in choices)
-        ok_answer = isinstance(answer, int) and not isinstance(answer, bool)
+        ok_answer = isinstance(answer, int) and not isinstance(answer, bool) and -2 ** 63 <= answer < 2 ** 63
         out.update(
             id=row["id"], prompt=row.get("prompt"), choices=choices if ok_choices else None,
             answer=answer if ok_answer else None,

@@ -40,9 +40,9 @@ def parse_stage(batch: pa.Table) -> pa.Table:
     return rows_to_table([parse_record(r) for r in batch.to_pylist()])
 
 
-def prepare_stage(batch: pa.Table, task: Task, model_path: str) -> pa.Table:
+def prepare_stage(batch: pa.Table, task: Task, model_path: str, trust_remote_code: bool = False) -> pa.Table:
     """Parsed rows -> prepared rows (tokenized, num_input_tokens, payload)."""
-    tokenizer, max_context = load_tokenizer(model_path)
+    tokenizer, max_context = load_tokenizer(model_path, trust_remote_code)
     return rows_to_table([task.prepare_row(r, tokenizer, max_context) for r in table_to_rows(batch)],
                          PREPARED_SCHEMA)
 
@@ -70,8 +70,9 @@ def memory_token_budget(config: ProcessorConfig, model_path: str) -> int:
     dtype = config.model.dtype
     dtype_bytes = {"float32": 4, "fp32": 4}.get(dtype, 2 if dtype != "auto" or on_gpu else 4)
     generate = config.task == "generate"
-    return token_budget_for_memory(AutoConfig.from_pretrained(model_path), config.packing.memory_budget_gb,
-                                   dtype_bytes, config.packing.max_group_prompts,
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+    return token_budget_for_memory(model_config, config.packing.memory_budget_gb, dtype_bytes,
+                                   config.packing.max_group_prompts,
                                    config.sampling.max_new_tokens if generate else 0, 2 if generate else 0)
 
 
@@ -82,7 +83,7 @@ class Processor:
                  postprocess: Callable[[Row], Row] | None = None, faults: FaultPlan | None = None):
         model = replace(config.model, cache_dir=str(Path(config.model.cache_dir).resolve()))  # actors' cwd differs
         self.model_path = resolve_model_path(model.path, model.cache_dir)  # tiny:* is built here, once
-        load_tokenizer(self.model_path)  # fails here, before any work, on an unreadable model
+        load_tokenizer(self.model_path, model.trust_remote_code)  # fails here, before any work, on an unreadable model
         packing = config.packing
         if packing.memory_budget_gb:
             try:
@@ -103,15 +104,19 @@ class Processor:
         ds = self.run_parsed(ds)
         return ds.map(self.postprocess) if self.postprocess is not None else ds
 
-    def run_parsed(self, ds, stage_to: dict | None = None):
+    def run_parsed(self, ds, stage_to: dict | None = None, carried: pa.Schema | None = None):
         """Parsed rows (rows.ROW_SCHEMA) -> output rows; the jobs enter here (they parse shards)
-        with stage_to=dict(path=..., storage=...): then out come staged files (writer.py)."""
+        with stage_to=dict(path=..., storage=...): then out come staged files (writer.py).
+
+        carried: the job's carried columns (scan.py), so every output block has one schema;
+        None (a user's Dataset) types each block's carried columns from its own values."""
         p = self.config.packing
         # Small blocks: a large shard is tokenized by many tasks, and groups reach the actors
         # (and files the storage) while the rest is still being read.
         ds = ds.repartition(target_num_rows_per_block=256)
         ds = ds.map_batches(prepare_stage, batch_size=256, batch_format="pyarrow",
-                            fn_kwargs=dict(task=self.task, model_path=self.model_path))
+                            fn_kwargs=dict(task=self.task, model_path=self.model_path,
+                                           trust_remote_code=self.config.model.trust_remote_code))
         if p.global_sort:
             ds = ds.sort("num_input_tokens", descending=True)
         ds = ds.map_batches(group_stage, batch_size=p.window, batch_format="pyarrow",
@@ -119,7 +124,7 @@ class Processor:
         ds = ds.repartition(target_num_rows_per_block=1)  # one group per block: spreads groups over actors
         # One group per call; the model loads once per actor.
         return ds.map_batches(PrepackActor, batch_size=1, batch_format="pyarrow", **actor_pool(self.config.actors),
-                              fn_constructor_kwargs=dict(config=self.config, stage_to=stage_to,
+                              fn_constructor_kwargs=dict(config=self.config, stage_to=stage_to, carried=carried,
                                                          faults=self.faults.to_dict() if self.faults else None))
 
 

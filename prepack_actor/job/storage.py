@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from .config import StorageConfig
 
 SUMMARY_NAME = "_summary.json"  # written beside the output shards, last; never read as one
+JSONL_TEXT_COLUMNS = pa.schema([("id", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
 EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}
 
 
@@ -54,11 +55,14 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None) -> int:
-    """Write a whole file so that no reader sees it half written (see module doc); returns its size."""
+def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = None, create: bool = False) -> int:
+    """Write a whole file so that no reader sees it half written (see module doc); returns its size.
+
+    create=True writes only if nothing is at `path` (else FileExistsError), atomically too:
+    locally a hard link of the complete temporary file, on S3 a conditional PUT (If-None-Match)."""
     fs, root = filesystem(path, storage)
     if not is_local(fs):
-        fs.pipe_file(root, data)  # one PUT (or multipart upload): atomic per object
+        fs.pipe_file(root, data, **({"mode": "create"} if create else {}))  # one PUT: atomic per object
         return len(data)
     fs.makedirs(posixpath.dirname(root), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(root), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(root)}.part")
@@ -66,7 +70,13 @@ def write_bytes_atomic(data: bytes, path: str, storage: StorageConfig | None = N
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, root)  # atomic on POSIX; a retried writer of the same name just replaces it
+    if create:
+        try:
+            os.link(tmp, root)  # fails when root exists
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, root)  # atomic on POSIX; a retried writer of the same name just replaces it
     return len(data)
 
 
@@ -106,15 +116,30 @@ def read_table(path: str, fmt: str, storage: StorageConfig | None = None, column
     with fs.open(path, "rb") as fh:
         if fmt == "parquet":
             return pq.read_table(fh, columns=columns)
-        table = pajson.read_json(fh)
+        # One block for the whole file: a row longer than a block ("straddling object") cannot
+        # be parsed, and rows carry prompts and columns of any size.
+        # Ids and errors are text whatever they look like (pyarrow infers "2024-01-01" as a timestamp).
+        block = max(1 << 20, min(fs.size(path) + 1, 2 ** 31 - 1))
+        table = pajson.read_json(fh, read_options=pajson.ReadOptions(block_size=block),
+                                 parse_options=pajson.ParseOptions(explicit_schema=JSONL_TEXT_COLUMNS))
         return table.select(columns) if columns else table
 
 
+class UnreadableOutput(OSError):
+    """A data file of the output that cannot be read; the message names it."""
+
+
 def read_output(path: str, fmt: str, storage: StorageConfig | None = None, columns: list[str] | None = None):
-    """Iterate a job's output as pyarrow tables, one per data file (only `columns` when given)."""
+    """Iterate a job's output as pyarrow tables, one per data file (only `columns` when given).
+    A file that cannot be read raises UnreadableOutput naming it."""
     fs, files = output_files(path, fmt, storage)
     for f in files:
-        yield read_table(f, fmt, storage, columns, fs=fs)
+        try:
+            table = read_table(f, fmt, storage, columns, fs=fs)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt, not ours: name the file
+            raise UnreadableOutput(f"cannot read the output file {f!r}: {type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0][:200]}") from None
+        yield table
 
 
 def write_json(obj: dict, path: str, storage: StorageConfig | None = None) -> None:

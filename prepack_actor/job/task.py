@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..inputs import BadInput
+from .carry import carried_table
 from .config import PackingConfig, ProcessorConfig
 
 
@@ -29,13 +30,17 @@ class Task:
     sample: str = ""  # bundled input under prepack_actor/data/
 
     def prepare_row(self, row: dict, tokenizer, max_context: int | None) -> dict:
-        """row -> row with num_input_tokens and payload; a BadInput becomes an error row."""
+        """row -> row with num_input_tokens and payload; a BadInput becomes an error row of
+        its kind, any other exception an `internal_error` row (never a failed stage)."""
         row = dict(row, num_input_tokens=0, payload=None)
         if row["error"] is None:
             try:
                 row.update(self.prepare(row, tokenizer, max_context))
             except BadInput as e:
                 row.update(error=e.reason, error_kind=e.kind, num_input_tokens=0, payload=None)
+            except Exception as e:  # noqa: BLE001 - the exception boundary is the row
+                row.update(error=f"cannot prepare: {type(e).__name__}: {str(e)[:300]}", error_kind="internal_error",
+                           num_input_tokens=0, payload=None)
         return row
 
     def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
@@ -53,12 +58,12 @@ class Task:
     def summary_extra(self, totals: dict, counts: dict, tokens_in: int, wall_s: float) -> dict:
         return {}
 
-    def to_table(self, rows: list[dict]) -> pa.Table:
-        """Output rows -> Arrow: typed fixed columns, then carried columns (types inferred)."""
-        cols = {f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in self.output_schema}
-        for k in dict.fromkeys(k for r in rows for k in r if k not in cols):
-            cols[k] = pa.array([r.get(k) for r in rows])
-        return pa.table(cols)
+    def to_table(self, rows: list[dict], carried: pa.Schema | None = None) -> pa.Table:
+        """Output rows -> Arrow: the typed fixed columns, then the carried columns, typed by
+        the job's carried schema (carry.py; None: from these rows' values)."""
+        fixed = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in self.output_schema]
+        extra = carried_table(rows, carried, set(self.output_schema.names))
+        return pa.Table.from_arrays(fixed + extra.columns, schema=pa.schema(list(self.output_schema) + list(extra.schema)))
 
 
 def make_task(config: ProcessorConfig) -> Task:
