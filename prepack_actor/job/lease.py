@@ -9,7 +9,8 @@ locally by a hard link of a complete temporary file (atomic, fails when the name
 on S3 by a conditional PUT (If-None-Match: *), so two jobs can never both create it. The
 holder renews it every ttl_s / 3 from a thread of the driver; a job killed without
 releasing it blocks the path until expires_at (ttl_s after the last renewal), then the
-next job deletes the stale lease and creates its own. Expiry compares wall clocks of the
+next job deletes the stale lease and creates its own; on the holder's own machine a lease
+whose process is gone is taken over at once. Expiry compares wall clocks of the
 machines involved (keep them in sync, e.g. NTP). A renewal that finds another owner marks
 the lease lost: the job stops at its next check, before it commits anything more.
 """
@@ -27,6 +28,21 @@ from .config import StorageConfig
 from .storage import filesystem, write_bytes_atomic
 
 LEASE_NAME = "_lease.json"
+
+
+def _dead_here(held: dict) -> bool:
+    """The holder ran on this machine and its process is gone (a killed driver): no need to wait
+    for the lease to expire. (A reused pid only makes us wait for the expiry, never less safe.)"""
+    pid = held.get("pid")
+    if held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class LeaseError(RuntimeError):
@@ -69,13 +85,13 @@ class Lease:
                 if held is None:  # released meanwhile: try again
                     continue
                 expires = held.get("expires_at")
-                if isinstance(expires, (int, float)) and expires > time.time():
+                if isinstance(expires, (int, float)) and expires > time.time() and not _dead_here(held):
                     raise LeaseError(
                         f"output.path {self.path!r} is in use by another job: {held.get('owner')} (started "
                         f"{held.get('started')}, lease valid {expires - time.time():.0f} s more unless renewed; "
                         f"{LEASE_NAME}). Wait for it, use another output.path, or delete {LEASE_NAME} if that "
                         f"job is gone")
-                print(f"output: taking over the expired lease of {held.get('owner', 'an unreadable lease')} "
+                print(f"output: taking over the expired (or dead) lease of {held.get('owner', 'an unreadable lease')} "
                       f"on {self.path!r}")
                 self.fs.rm(self.root)
                 continue
