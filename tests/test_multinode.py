@@ -1,6 +1,6 @@
-"""The generation job on a Ray cluster of two nodes on this machine (loopback only): a head
-(`ray start --head`) and a worker (`ray start --address`), each with its own CPUs and temp
-dir. Actors run on both nodes; the outputs equal a one-node run; a worker node whose raylet
+"""The generation job on a Ray cluster of two nodes on this machine: a head (`ray start
+--head`) and a worker (`ray start --address`), each with its own CPUs and temp dir, every
+process on this machine (Ray 2.60 advertises the machine's own address, not 127.0.0.1). Actors run on both nodes; the outputs equal a one-node run; a worker node whose raylet
 is SIGKILLed mid-job loses and duplicates nothing.
 
 The one-node reference is what a one-node run writes, computed without a second job: the

@@ -23,6 +23,7 @@ from prepack_actor.job.retry import release_retryable
 from prepack_actor.job.rows import mark_repeat
 from prepack_actor.job.scan import combine, scan_shard
 from prepack_actor.job.storage import read_output, table_bytes
+from prepack_actor.job.writer import part_name
 from prepack_actor.models import load_tokenizer
 from prepack_actor.tiny import build_tiny_model
 
@@ -73,6 +74,7 @@ def test_every_poison_line_becomes_a_row_with_a_unique_id(tmp_path, tok):
     assert by_id["dup#1"]["prompt"] == PROMPTS[2]  # a duplicate_id row keeps its prompt
     assert "nested deeper than 100 levels" in by_id["deep"]["error"]
     assert "RecursionError" in by_id["a.jsonl:25"]["error"] and "digits" in by_id["a.jsonl:26"]["error"]
+    assert part_name(["a\nb"], "parquet") != part_name(["a", "b"], "parquet")  # file names: ids never collide
     # suffix: the same ids, the repeats run
     _, _, rows = parsed_poison(tmp_path / "s", tok, policy="suffix")
     assert {r["id"] for r in rows} == set(kinds)
@@ -149,6 +151,14 @@ def test_lease_refuses_a_second_holder_and_expires(tmp_path):
     with pytest.raises(LeaseError, match="taken over by"):
         stale.check()
     taker.release()
+
+    import subprocess
+    from prepack_actor.job.lease import _machine
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a job on this machine, killed: its process is gone, its lease not yet expired
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps({"owner": "gone", "pid": dead.pid, **_machine(),
+                                                           "expires_at": time.time() + 3600}))
+    acquire_lease(out, None, ttl_s=30).release()  # taken over at once
 
 
 def test_second_job_on_a_held_output_fails_with_one_line(tiny_model_dir, tmp_path, capsys):

@@ -9,8 +9,8 @@ locally by a hard link of a complete temporary file (atomic, fails when the name
 on S3 by a conditional PUT (If-None-Match: *), so two jobs can never both create it. The
 holder renews it every ttl_s / 3 from a thread of the driver; a job killed without
 releasing it blocks the path until expires_at (ttl_s after the last renewal), then the
-next job deletes the stale lease and creates its own; on the holder's own machine a lease
-whose process is gone is taken over at once. Expiry compares wall clocks of the
+next job deletes the stale lease and creates its own; on the holder's own machine (same
+host name, boot and PID namespace) a lease whose process is gone is taken over at once. Expiry compares wall clocks of the
 machines involved (keep them in sync, e.g. NTP). A renewal that finds another owner marks
 the lease lost: the job stops at its next check, before it commits anything more.
 """
@@ -30,19 +30,35 @@ from .storage import filesystem, write_bytes_atomic
 LEASE_NAME = "_lease.json"
 
 
+def _machine() -> dict:
+    """What makes a pid meaningful: host name, kernel boot and PID namespace (Linux; else None)."""
+    def read(f):
+        try:
+            with open(f) as fh:
+                return fh.read().strip()
+        except OSError:
+            return None
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = None
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
+
+
 def _dead_here(held: dict) -> bool:
-    """The holder ran on this machine and its process is gone (a killed driver): no need to wait
-    for the lease to expire. (A reused pid only makes us wait for the expiry, never less safe.)"""
+    """The holder ran on this machine, in this PID namespace (containers sharing a host name do
+    not count), and its process is gone or a zombie (a killed driver): no need to wait for the
+    lease to expire. (A reused pid only makes us wait for the expiry, never less safe.)"""
+    import psutil
     pid = held.get("pid")
-    if held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+    if not isinstance(pid, int) or pid == os.getpid() or any(held.get(k) != v for k, v in _machine().items()):
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
+    except psutil.Error:
         return False
-    return False
 
 
 class LeaseError(RuntimeError):
@@ -61,7 +77,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+        return json.dumps({"owner": self.owner, **_machine(), "pid": os.getpid(),
                            "started": self.started, "expires_at": time.time() + self.ttl_s}).encode()
 
     def read(self) -> dict | None:

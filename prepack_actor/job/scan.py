@@ -60,7 +60,7 @@ class InputScan:
 
 def scan_shard(data: bytes, path: str, name: str, fmt: str, skip: set[str]) -> ShardScan:
     parse = iter_parquet_shard if fmt == "parquet" else iter_jsonl_shard
-    digests, positions, suffixed, carries = [], [], [], []
+    digests, positions, suffixed, sigs = [], [], [], {}
     for pos, row in parse(data, name):
         digests.append(id_hash(row["id"]))
         positions.append(pos)
@@ -68,10 +68,11 @@ def scan_shard(data: bytes, path: str, name: str, fmt: str, skip: set[str]) -> S
         if m:
             hi, lo = np.frombuffer(id_hash(m.group(1)), dtype="<u8")
             suffixed.append((int(hi), int(lo), int(m.group(2))))
-        carries.append(row["carry"])
+        for k, sig in batch_sigs([row["carry"]], skip).items():
+            sigs[k] = unify(sigs[k], sig) if k in sigs else sig
     hashes = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)
     return ShardScan(path, name, "row" if fmt == "parquet" else "line", len(positions), hashes,
-                     np.asarray(positions, dtype=np.int64), suffixed, batch_sigs(carries, skip))
+                     np.asarray(positions, dtype=np.int64), suffixed, sigs)
 
 
 @ray.remote(num_cpus=1)

@@ -15,6 +15,7 @@ work: resume counts their ids as done and commits them first (`recover`).
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import time
 
@@ -28,8 +29,9 @@ STAGED_SCHEMA = pa.schema([("file", pa.string()), ("num_rows", pa.int64()), ("nu
 
 
 def part_name(ids: list[str], fmt: str) -> str:
-    """A file name fixed by the set of ids it holds (so a rewrite of the same rows replaces it)."""
-    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
+    """A file name fixed by the set of ids it holds (so a rewrite of the same rows replaces it).
+    The ids are hashed as a JSON list: ids holding newlines cannot make two sets collide."""
+    digest = hashlib.sha1(json.dumps(sorted(ids)).encode()).hexdigest()[:24]
     return f"part-{digest}.{fmt}"
 
 
