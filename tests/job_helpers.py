@@ -42,6 +42,29 @@ def driver_script(job: str) -> str:
             f"_temp_dir=sys.argv[1]); sys.path.insert(0, 'jobs'); import {job}; {job}.main(sys.argv[2:])")
 
 
+def kill_driver_mid_job(job: str, args: list[str], out: Path, temp: Path) -> None:
+    """Run `job` in a driver subprocess on a private Ray (temp dir `temp`), slowed down per group;
+    SIGKILL the driver and its Ray once two data files exist under `out`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import _stop_cluster
+    proc = subprocess.Popen([sys.executable, "-c", driver_script(job), str(temp), *args], cwd=REPO,
+                            start_new_session=True, env=dict(os.environ, PREPACK_FAULT_DELAY_S="0.3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(list(out.glob("part-*"))) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its private Ray, nothing else
+        proc.wait(timeout=30)
+    finally:
+        _stop_cluster(temp)
+
+
 def good_jsonl_lines() -> list[str]:
     """Good rows: ids, a missing id, carried columns, chat messages, per-row overrides."""
     return [json.dumps({"id": "p0", "prompt": PROMPTS[0], "topic": "sea", "meta": {"n": 1}}),

@@ -8,9 +8,6 @@ do not depend on how rows were grouped, packed, split or retried.
 import http.client
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,8 +21,7 @@ from prepack_actor.job.storage import read_output
 from prepack_actor.job.oom import is_oom, run_splitting
 from prepack_actor.job.output import done_ids
 
-from conftest import _stop_cluster
-from job_helpers import PROMPTS, REPO, driver_script, env, load_job
+from job_helpers import PROMPTS, env, kill_driver_mid_job, load_job
 
 pytestmark = pytest.mark.slow
 
@@ -118,25 +114,13 @@ def test_run_splitting_halves_down_to_single_prompts():
 
 
 # ---- driver killed, then resume -------------------------------------------------------
-DRIVER = driver_script("generate")
 
 
 def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_dir, tmp_path):
     out, temp = tmp_path / "out", Path("/tmp") / f"rk{os.getpid()}"
     args = [f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
             "packing.max_group_prompts=1", "output.rows_per_file=2", *COMMON]  # files committed as it runs
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(temp), *args], cwd=REPO, start_new_session=True,
-                            env=dict(os.environ, PREPACK_FAULT_DELAY_S="0.3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and len(list(out.glob("part-*"))) < 2:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its private Ray, nothing else
-        proc.wait(timeout=30)
-    finally:
-        _stop_cluster(temp)
+    kill_driver_mid_job("generate", args, out, temp)
     done = done_ids(str(out), "parquet")  # committed or staged
     assert 2 <= len(done) < NUM_ROWS + 1 and not (out / "_summary.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}

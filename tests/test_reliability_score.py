@@ -3,10 +3,6 @@ an actor killed mid-job, injected out-of-memory, a killed driver then resume. Ev
 compared with one clean run, row for row (log-probs to 1e-4: other groupings pack differently)."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -16,8 +12,7 @@ import pytest
 from prepack_actor.job.output import done_ids
 from prepack_actor.job.storage import read_output
 
-from conftest import _stop_cluster
-from job_helpers import REPO, driver_script, env, load_job
+from job_helpers import env, kill_driver_mid_job, load_job
 
 pytestmark = pytest.mark.slow
 
@@ -86,18 +81,7 @@ def test_driver_killed_then_resume_redoes_only_the_rest(clean, src, tiny_model_d
     out, temp = tmp_path / "out", Path("/tmp") / f"rs{os.getpid()}"
     args = [f"model.path={tiny_model_dir('llama')}", f"input.path={src}", f"output.path={out}",
             "packing.max_group_prompts=1", "output.rows_per_file=2", *COMMON]  # files committed as it runs
-    proc = subprocess.Popen([sys.executable, "-c", driver_script("score"), str(temp), *args], cwd=REPO,
-                            start_new_session=True, env=dict(os.environ, PREPACK_FAULT_DELAY_S="0.3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and len(list(out.glob("part-*"))) < 2:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its private Ray, nothing else
-        proc.wait(timeout=30)
-    finally:
-        _stop_cluster(temp)
+    kill_driver_mid_job("score", args, out, temp)
     done = done_ids(str(out), "parquet")  # committed or staged
     assert 2 <= len(done) < NUM_ROWS + 1 and not (out / "_summary.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
