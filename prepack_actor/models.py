@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ import transformers.dynamic_module_utils as _dynamic
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .core import attention
+from .core.linear import onednn_linear, onednn_refusal
 from .tiny import ARCHS, SIZES, build_tiny_model
 
 attention.register()  # "prepack_varlen" is known to transformers wherever models are loaded
@@ -80,11 +82,17 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implem
 class ModelRunner:
     """A loaded model and tokenizer, and what every library entry point reads from them."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, onednn_linear: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        # CPU linear layers on oneDNN with prepacked weights inside kernels() (core/linear.py).
+        self.onednn_linear = onednn_linear and onednn_refusal(model) is None
         self.device = model.device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_context = context_length(model.config)
+
+    def kernels(self):
+        """The block the runner's model calls run in: oneDNN linear layers where enabled."""
+        return onednn_linear(self.model, self.onednn_linear)
 
     def sync(self) -> None:
         """Wait for the device (timings on CUDA are otherwise launch times)."""
@@ -94,6 +102,15 @@ class ModelRunner:
     def now(self) -> float:
         self.sync()
         return time.perf_counter()
+
+
+def on_kernels(method):
+    """Decorator: run a ModelRunner method inside its kernels() block (re-entrant)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.kernels():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def context_length(config) -> int | None:

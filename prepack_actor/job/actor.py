@@ -45,6 +45,7 @@ class PrepackActor:
                                       m.attn_implementation, trust_remote_code=m.trust_remote_code)
         self.task = make_task(config)
         self.runner = self.task.runner(model, tokenizer, config.packing)
+        self.runner.onednn_linear &= m.onednn_linear  # model.onednn_linear: false keeps torch's F.linear
         self.faults = FaultPlan(**faults) if faults else FaultPlan()
         self.stage_to = stage_to  # the job: stage each group's rows here (writer.py) and return the file
         self.carried = carried

@@ -1,0 +1,73 @@
+"""oneDNN linear layers (core/linear.py): same numbers as torch's F.linear, scoped to the block."""
+import pytest
+import torch
+from torch import nn
+
+from prepack_actor.core.linear import onednn_linear, onednn_refusal
+from prepack_actor.engine import Engine, EngineConfig
+from prepack_actor.core.params import SamplingParams
+from prepack_actor.models import load_model
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+PROMPTS = ["The capital of France is", "a b c d e f g h i j k l m n o p", "Once upon a time, in a land"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return load_model(tiny_model_dir("llama"), dtype="float32", device="cpu")
+
+
+def linears(model):
+    return [m for m in model.modules() if type(m) is nn.Linear]
+
+
+def test_block_swaps_every_linear_and_restores_it(tiny_model):
+    model, _ = tiny_model
+    mods = linears(model)
+    assert mods and onednn_refusal(model) is None
+    x = torch.randn(2, 7, mods[0].in_features)
+    want = nn.functional.linear(x, mods[0].weight, mods[0].bias)
+    with onednn_linear(model):
+        assert all("forward" in m.__dict__ for m in mods)
+        with onednn_linear(model):  # re-entrant: the inner block neither re-swaps nor restores
+            pass
+        assert all("forward" in m.__dict__ for m in mods)
+        got = mods[0](x)
+    assert all("forward" not in m.__dict__ for m in mods)  # outside: the model is plain HF again
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with onednn_linear(model, enabled=False):
+        assert all("forward" not in m.__dict__ for m in mods)
+
+
+def test_changed_weights_are_packed_again():
+    lin = nn.Linear(16, 8)
+    model = nn.Sequential(lin)
+    model.device, model.dtype = torch.device("cpu"), torch.float32
+    x = torch.randn(3, 16)
+    with onednn_linear(model):
+        before = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    with onednn_linear(model):
+        after = lin(x)
+    torch.testing.assert_close(after - lin.bias, 2 * (before - lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_is_refused_and_left_alone():
+    model = nn.Sequential(nn.Linear(4, 4).half())
+    model.device, model.dtype = torch.device("cpu"), torch.float16
+    assert "float16" in onednn_refusal(model)
+    with onednn_linear(model):
+        assert "forward" not in model[0].__dict__
+
+
+def test_engine_on_onednn_equals_engine_on_torch(tiny_model):
+    model, tokenizer = tiny_model
+    fast, plain = Engine(model, tokenizer), Engine(model, tokenizer, EngineConfig(onednn_linear=False))
+    assert fast.onednn_linear and not plain.onednn_linear
+    torch.testing.assert_close(fast.prefill(PROMPTS), plain.prefill(PROMPTS), rtol=0, atol=1e-4)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert [r.token_ids for r in fast.generate(PROMPTS, params)] == \
+           [r.token_ids for r in plain.generate(PROMPTS, params)]
+    assert all("forward" not in m.__dict__ for m in linears(model))
