@@ -138,8 +138,9 @@ def main() -> None:
 
     @torch.inference_mode()
     def ceiling(ids: list[list[int]]) -> None:
-        """Unpadded equal-length batches, one per prepack group, each with that group's token count."""
-        with plain_sdpa(model):
+        """Unpadded equal-length batches, one per prepack group, each with that group's token count,
+        on the engine's kernels (oneDNN linear layers where the engine uses them)."""
+        with plain_sdpa(model), engine.kernels():
             for g in engine.groups([len(x) for x in ids]):
                 tokens = sum(len(ids[i]) for i in g)
                 batch = torch.randint(3, model.config.vocab_size, (len(g), max(1, tokens // len(g))))
