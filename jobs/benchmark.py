@@ -23,7 +23,7 @@ from prepack_actor.bench import report  # noqa: E402
 from prepack_actor.bench.config import BenchmarkConfig  # noqa: E402
 from prepack_actor.bench.generate import generate_runner  # noqa: E402
 from prepack_actor.bench.largest import largest_batch  # noqa: E402
-from prepack_actor.bench.measure import interleaved, prepare_cpu_allocator  # noqa: E402
+from prepack_actor.bench.measure import interleaved, prepare_cpu_allocator, use_clock  # noqa: E402
 from prepack_actor.bench.methods import VARLEN_METHODS, capacity_rule, prefill_runner  # noqa: E402
 from prepack_actor.bench.workload import dataset_name, make_workload, predictors, read_prompts  # noqa: E402
 from prepack_actor.job.config import config_or_exit, to_dict  # noqa: E402
@@ -64,6 +64,7 @@ def main(argv: list[str]) -> dict:
     device, pad_id = model.device, tokenizer.pad_token_id
     if device.type == "cpu":
         prepare_cpu_allocator()
+        use_clock(cfg.clock)
     context = getattr(model.config, "max_position_embeddings", 2048)
     token_ids, notes = {}, []
     for path, ts in texts.items():
@@ -74,6 +75,7 @@ def main(argv: list[str]) -> dict:
     env = {"device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+           "clock": "cuda events" if device.type == "cuda" else cfg.clock,
            "torch": torch.__version__, "model": model_path,
            "parameters": sum(p.numel() for p in model.parameters())}
     log(f"model {model_path}: {env['parameters'] / 1e6:.1f}M params on {device} ({env['dtype']}), "

@@ -128,3 +128,24 @@ def test_tiny_end_to_end_writes_json_plots_and_table(tiny_model_dir, tmp_path, c
     assert any("largest batch that fits: skipped" in n for n in saved["notes"])
     printed = capsys.readouterr().out
     assert "| prompts | 4 | prepacking |" in printed and "prepack_engine" in printed
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    import time as _time
+
+    from prepack_actor.bench import measure
+
+    with pytest.raises(ConfigError, match="clock"):
+        BenchmarkConfig(datasets=["x.jsonl"], clock="gpu")
+    seconds = {}
+    try:
+        for name in ("wall", "cpu"):
+            measure.use_clock(name)
+            clock = measure.Clock(torch.device("cpu"))
+            clock.mark()
+            _time.sleep(0.3)  # waiting: wall time passes, CPU time does not
+            clock.mark()
+            seconds[name] = clock.seconds()[0]
+    finally:
+        measure.use_clock("wall")
+    assert seconds["wall"] >= 0.3 and seconds["cpu"] < 0.1

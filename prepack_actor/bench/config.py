@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..job.config import ConfigError
+from .measure import CPU_CLOCKS
 
 PREFILL_METHODS = ("full_batching", "length_ordered", "prepacking", "prepacking_best", "prepacking_varlen")
 GENERATE_METHODS = ("full_batching_generate", "hf_continuous_batching", "prepack_engine")
@@ -34,6 +35,7 @@ class BenchmarkConfig:
     largest_batch: bool = True
     largest_batch_memory_gb: float = 8.0
     largest_batch_limit: int = 4096
+    clock: str = "wall"  # CPU timings: wall | cpu (process CPU seconds); CUDA always uses events
 
     def __post_init__(self):
         for key in ("batch_sizes",):
@@ -59,6 +61,8 @@ class BenchmarkConfig:
             raise ConfigError(f"largest_batch_memory_gb: expected a number > 0, got {self.largest_batch_memory_gb!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype: expected auto | float32 | bfloat16 | float16, got {self.dtype!r}")
+        if self.clock not in CPU_CLOCKS:
+            raise ConfigError(f"clock: expected wall | cpu, got {self.clock!r}")
         if not self.datasets:
             raise ConfigError("datasets: expected at least one prompt file, e.g. datasets=[../shared/data/mmlu.jsonl]")
         if not self.generate_datasets:

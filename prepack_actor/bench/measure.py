@@ -39,8 +39,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# The CPU timeline: "wall" (perf_counter) or "cpu" (this process's CPU seconds, all its
+# threads: robust to other work on a shared machine). Set once per run by use_clock.
+CPU_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_cpu_clock = CPU_CLOCKS["wall"]
+
+
+def use_clock(name: str) -> None:
+    global _cpu_clock
+    _cpu_clock = CPU_CLOCKS[name]
+
+
 class Clock:
-    """Timestamps on the device's timeline: CUDA events on GPU, perf_counter on CPU."""
+    """Timestamps on the device's timeline: CUDA events on GPU, use_clock's clock on CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -52,7 +63,7 @@ class Clock:
             e.record()
             self.marks.append(e)
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append(_cpu_clock())
 
     def seconds(self) -> list[float]:
         """Intervals between consecutive marks, in seconds."""
