@@ -53,12 +53,13 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _hf_generate(model, rows: list[list[int]], pad_id: int, new_tokens: int, processor=None, **kwargs):
+def _hf_generate(model, rows: list[list[int]], pad_id: int, new_tokens: int, processor=None, **options):
+    """HF generate on left-padded rows: greedy over whatever the processor leaves, no EOS stop."""
     ids, mask = _left_pad(rows, pad_id, model.device)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id,
-                              bos_token_id=None)
+                              bos_token_id=None, **options)
     return model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                          logits_processor=LogitsProcessorList([processor] if processor else []), **kwargs)
+                          logits_processor=LogitsProcessorList([processor] if processor else []))
 
 
 @torch.inference_mode()

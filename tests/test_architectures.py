@@ -23,12 +23,13 @@ from prepack_actor.models import model_class, resolve_attn
 VOCAB, NEW_TOKENS = 128, 8
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2)
+            eos_token_id=2, initializer_range=0.25)
 MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
            shared_expert_intermediate_size=32)
 SW = dict(sliding_window=8)
 LONGROPE = dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.2, 1.3],
-                                     long_factor=[2.0, 3.0, 5.0, 9.0], original_max_position_embeddings=32))
+                                     long_factor=[2.0, 3.0, 5.0, 9.0], original_max_position_embeddings=32),
+                original_max_position_embeddings=32)
 
 # (id, model_type, config overrides, expected route or "refused")
 CASES = [
@@ -51,7 +52,7 @@ CASES = [
     ("phi", "phi", {}, PACKED),
     ("phi3", "phi3", {}, PACKED),
     ("phi3-longrope32", "phi3", LONGROPE, PACKED_BUCKETED),
-    ("phimoe-longrope32", "phimoe", {**MOE, "rope_parameters": {**LONGROPE["rope_parameters"], "short_mscale": 1.0,
+    ("phimoe-longrope32", "phimoe", {**MOE, **LONGROPE, "rope_parameters": {**LONGROPE["rope_parameters"], "short_mscale": 1.0,
                                                                 "long_mscale": 1.0}}, PACKED_BUCKETED),
     ("stablelm", "stablelm", {}, PACKED),
     ("starcoder2-sw8", "starcoder2", SW, PACKED),
@@ -79,7 +80,7 @@ CASES = [
     ("arcee", "arcee", {}, PACKED),
     ("seed_oss", "seed_oss", {}, PACKED),
     ("hunyuan_v1_dense", "hunyuan_v1_dense", {}, PACKED),
-    ("deepseek_v3", "deepseek_v3", dict(n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1,
+    ("deepseek_v3-mla", "deepseek_v3", dict(num_key_value_heads=4, n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1,
                                         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                         v_head_dim=8, n_group=1, topk_group=1, num_experts_per_tok=2), PACKED),
     ("gpt_oss-sw8", "gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
@@ -87,6 +88,9 @@ CASES = [
     ("llama4-chunk8-temp32", "llama4_text", dict(attention_chunk_size=8, floor_scale=32, no_rope_layers=[1, 0],
                                                  num_local_experts=2, intermediate_size_mlp=64,
                                                  interleave_moe_layer_step=2), PACKED_BUCKETED),
+    ("llama4-chunk8", "llama4_text", dict(attention_chunk_size=8, attn_temperature_tuning=False, no_rope_layers=[1, 0],
+                                          num_local_experts=2, intermediate_size_mlp=64, interleave_moe_layer_step=2),
+     PACKED),
     ("nemotron", "nemotron", {}, PACKED),
     ("persimmon", "persimmon", {}, PACKED),
     ("biogpt", "biogpt", {}, PACKED),
@@ -101,10 +105,12 @@ CASES = [
     ("falcon_mamba", "falcon_mamba", dict(state_size=4), UNPACKED),
     ("jamba", "jamba", dict(num_experts=2, mamba_d_state=4, attn_layer_period=2, attn_layer_offset=1), UNPACKED),
     ("qwen3_next", "qwen3_next", {**MOE, "linear_num_value_heads": 2, "linear_num_key_heads": 2,
-                                  "linear_key_head_dim": 8, "linear_value_head_dim": 8}, UNPACKED),
-    ("lfm2-conv", "lfm2", {}, UNPACKED),
+                                  "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                                  "layer_types": ["linear_attention", "full_attention"]}, UNPACKED),
+    ("lfm2-conv", "lfm2", dict(layer_types=["conv", "full_attention"]), UNPACKED),
     ("minimax-linear", "minimax", MOE, UNPACKED),
-    ("recurrent_gemma", "recurrent_gemma", dict(lru_width=32, attention_window_size=8), UNPACKED),
+    ("recurrent_gemma", "recurrent_gemma", dict(lru_width=32, attention_window_size=8,
+                                                 block_types=["recurrent", "attention"]), UNPACKED),
     ("falcon_h1", "falcon_h1", dict(mamba_d_state=4), UNPACKED),
 ]
 
