@@ -20,7 +20,12 @@ Read from the model's config and modules (properties, not a list of names):
     ...): one prompt at a time through HF generate;
     ALiBi built from the 2D attention mask (Bloom, Falcon with alibi=True): left-padded HF
     batches, exact.
-- refused (UnsupportedModel, before any work): encoder-decoders, models HF cannot generate with.
+    models without position_ids whose positions come from the sequence (Bart-style
+    decoders) and models that build their own mask from a 2D mask (no masking_utils,
+    e.g. openai-gpt): one prompt at a time.
+- refused (UnsupportedModel, before any work): encoder-decoders, models with no LM head,
+  RoBERTa-style encoders used as decoders (position ids from padding_idx + 1: HF's own
+  forward and generate disagree, so there is no single answer to match).
 """
 from __future__ import annotations
 
@@ -68,6 +73,14 @@ def capability_of(model) -> Capability:
     if recurrent:
         return Capability(UNPACKED, f"{recurrent}: packing cannot carry state across prompts in a row",
                           mt, padded=False, chunk_size=chunk)
+    if _positions_from_sequence(model):
+        return Capability(UNPACKED, "forward takes no position_ids: positions come from the sequence itself",
+                          mt, padded=False)
+    if _positions_offset(model):  # HF's own forward and generate disagree here: no reference to match
+        raise UnsupportedModel(f"{mt}: position ids start after padding_idx (RoBERTa-style encoder as decoder); "
+                               f"HF's forward and generate number positions differently")
+    if not _takes_packed_mask(model):
+        return Capability(UNPACKED, "the model builds its own mask from a 2D attention mask (no masking_utils)", mt)
     if _alibi_from_mask(model):
         return Capability(UNPACKED, "ALiBi built from the 2D attention mask (left-padded batches are exact)",
                           mt, padded=True)
@@ -104,6 +117,29 @@ def _recurrent(model) -> str | None:
     if any(isinstance(m, torch.nn.Conv1d) for m in model.modules()):
         return "a causal convolution over the sequence (nn.Conv1d)"
     return None
+
+
+def _positions_from_sequence(model) -> bool:
+    """True when the model has a position embedding but no position_ids argument (Bart-style
+    decoders): every packed prompt after the first would get the wrong positions."""
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        return False
+    if _alibi_from_mask(model):
+        return False
+    words = model.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not words for m in model.modules())
+
+
+def _positions_offset(model) -> bool:
+    """RoBERTa-style embeddings: HF alone numbers positions from padding_idx + 1."""
+    return any(getattr(getattr(m, "position_embeddings", None), "padding_idx", None) is not None
+               for m in model.modules())
+
+
+def _takes_packed_mask(model) -> bool:
+    """Models whose code builds masks with transformers' masking_utils accept prepack's 4D masks."""
+    module = sys.modules.get(type(model).__module__)
+    return any(n.startswith("create_") and "mask" in n for n in dir(module))
 
 
 def _alibi_from_mask(model) -> bool:

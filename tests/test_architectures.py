@@ -21,6 +21,7 @@ from prepack_actor.core.forward import plain_sdpa
 from prepack_actor.models import model_class, resolve_attn
 
 VOCAB, NEW_TOKENS = 128, 8
+REFUSED = "refused"
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
             eos_token_id=2, initializer_range=0.25)
@@ -101,6 +102,10 @@ CASES = [
     ("vaultgemma-sw8", "vaultgemma", SW, PACKED),
     ("internlm3", "internlm3", {}, PACKED),
     ("xglm", "xglm", dict(ffn_dim=64), PACKED),
+    ("bart-decoder", "bart", dict(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64), UNPACKED),
+    ("openai-gpt", "openai-gpt", {}, UNPACKED),
+    ("ctrl", "ctrl", dict(dff=64), PACKED),
+    ("roberta-decoder", "xlm-roberta", dict(is_decoder=True), REFUSED),
     ("mamba", "mamba", dict(state_size=4), UNPACKED),
     ("falcon_mamba", "falcon_mamba", dict(state_size=4), UNPACKED),
     ("jamba", "jamba", dict(num_experts=2, mamba_d_state=4, attn_layer_period=2, attn_layer_offset=1), UNPACKED),
@@ -159,6 +164,10 @@ def test_matches_each_prompt_alone(model_type, overrides, route, attn):
         assert resolve_attn(cfg, "auto") == "eager"
         return
     model = build(model_type, overrides, attn)
+    if route == REFUSED:
+        with pytest.raises(UnsupportedModel, match=model_type):
+            capability_of(model)
+        return
     cap = capability_of(model)
     assert cap.route == route, cap
     rng = random.Random(len(model_type))
