@@ -9,6 +9,7 @@ token ids (no tokenizer). fp32: last-token logits within 1e-4, identical greedy 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 import warnings
 
 import pytest
@@ -183,3 +184,73 @@ def test_matches_each_prompt_alone(model_type, overrides, route, attn):
         ref_logits, ref_tokens = alone(model, p)
         torch.testing.assert_close(logits[i], ref_logits, atol=1e-4, rtol=0, msg=f"prompt {i} (len {len(p)})")
         assert results[i].token_ids == ref_tokens, f"prompt {i} (len {len(p)}) greedy differs"
+
+
+def test_unpacked_paths_equal_packed_on_a_packed_model(tiny_model_dir):
+    """The fallback's own machinery (Sampler as a logits processor, stops, n, logprobs; per-pair
+    scoring) gives what the packed path gives, on a model both can run."""
+    from prepack_actor import load_model, unpacked
+    from prepack_actor.scoring import Scorer
+
+    model, tok = load_model(tiny_model_dir("llama"), dtype="float32", device="cpu")
+    engine = Engine(model, tok)
+    prompts = ["The sea is", "Once upon a time there was", "Hi"]
+    ids = engine.encode(prompts)
+    params = [SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3, n=2, repetition_penalty=1.2,
+                             logprobs=2),
+              SamplingParams(max_new_tokens=6, min_tokens=2, stop_token_ids=[5, 6, 7, 8]),
+              SamplingParams(max_new_tokens=5, ignore_eos=True)]
+    packed = engine.generate(prompts, params)
+    for padded in (False, True):
+        alone = unpacked.generate(engine, ids, params, padded)
+        for p, a in zip(packed, alone):
+            assert [o.token_ids for o in a.outputs] == [o.token_ids for o in p.outputs]
+            assert (a.finish_reason, a.stop_reason, a.text) == (p.finish_reason, p.stop_reason, p.text)
+            assert a.engine_path == UNPACKED and p.engine_path == PACKED
+        assert [set(d) for d in alone[0].logprobs] == [set(d) for d in packed[0].logprobs]
+    torch.testing.assert_close(unpacked.prefill(engine, ids, True), engine.prefill(prompts), atol=1e-4, rtol=0)
+
+    scorer = Scorer(model, tok)
+    prepared = [scorer.prepare({"prompt": "Q: the sea is", "choices": [" blue", " very wide", " x"], "answer": 0}),
+                scorer.prepare({"prompt": "Capital of France?", "choices": [" Paris", " Rome"]})]
+    for a, b in zip(unpacked.score(scorer, prepared), scorer.score_prepared(prepared)):
+        torch.testing.assert_close(torch.tensor(a.choice_logprobs), torch.tensor(b.choice_logprobs), atol=1e-4, rtol=0)
+        assert (a.choice_num_tokens, a.choice_is_greedy, a.pred, a.pred_norm) == \
+               (b.choice_num_tokens, b.choice_is_greedy, b.pred, b.pred_norm)
+        assert a.engine_path == UNPACKED and b.engine_path == PACKED
+
+
+def test_job_preflight_and_engine_path(tiny_model_dir, tmp_path):
+    """The job: preflight reads the route (refusing an explicit sdpa the class lacks), rows record it."""
+    import shutil
+
+    from prepack_actor.job.actor import PrepackActor
+    from prepack_actor.job.config import ConfigError, ModelConfig, ProcessorConfig, SamplingConfig
+    from prepack_actor.job.generate import GenerateTask
+    from prepack_actor.job.config import PromptsConfig
+    from prepack_actor.job.rows import parse_jsonl_shard
+    from prepack_actor.job.stage import Processor
+    from prepack_actor.models import load_tokenizer
+
+    tok_dir = tiny_model_dir("gpt2")
+    tok, _ = load_tokenizer(tok_dir)
+    bloom = tmp_path / "bloom"
+    build("bloom", dict(vocab_size=len(tok)), "eager").save_pretrained(bloom)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tok_dir) / f).exists():
+            shutil.copy(Path(tok_dir) / f, bloom / f)
+
+    def config(attn):
+        return ProcessorConfig(task="generate", model=ModelConfig(path=str(bloom), cache_dir=str(tmp_path), device="cpu",
+                                                                  attn_implementation=attn),
+                               sampling=SamplingConfig(max_new_tokens=3))
+    with pytest.raises(ConfigError, match="bloom.*no sdpa"):
+        Processor(config("sdpa"))
+    processor = Processor(config("auto"))
+    assert processor.capability.route == UNPACKED and processor.capability.as_dict()["padded"]
+    task = GenerateTask(SamplingConfig(max_new_tokens=3, seed=0), PromptsConfig())
+    rows = [task.prepare_row(r, tok, 2048) for r in
+            parse_jsonl_shard(b'{"id": "a", "prompt": "The sea"}\n{"id": "b", "prompt": "Hi there you"}\n', "s.jsonl")]
+    out = PrepackActor(config("auto")).run_group(rows)
+    assert [r["engine_path"] for r in out] == [UNPACKED, UNPACKED]
+    assert all(r["error"] is None and len(r["generated_tokens"]) == 3 for r in out)
