@@ -75,7 +75,10 @@ def resolve_attn(config, attn_implementation: str) -> str:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     if attn_implementation not in ("auto", "sdpa"):
         return attn_implementation
-    cls = model_class(config)
+    try:
+        cls = model_class(config)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModel(f"{config.model_type}: no causal-LM class in transformers ({e})") from None
     if getattr(cls, "_supports_sdpa", False):
         return "sdpa"
     if attn_implementation == "sdpa":
