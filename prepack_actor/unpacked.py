@@ -16,6 +16,7 @@ import time
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from .bench.baselines import pad_left
 from .capability import UNPACKED
 from .core.decode import Decoded
 from .core.sampling import SamplingParams, Sampler, expand
@@ -42,20 +43,9 @@ def _batches(lengths: list[int], padded: bool, size: int) -> list[list[int]]:
     return [order[a:a + size] for a in range(0, len(order), size)]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids [B, Lmax], attention_mask [B, Lmax] (0 = left pad)."""
-    lmax = max(len(r) for r in rows)
-    ids = torch.full((len(rows), lmax), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), lmax), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, lmax - len(r):] = torch.tensor(r)
-        mask[b, lmax - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _hf_generate(model, rows: list[list[int]], pad_id: int, new_tokens: int, processor=None, **options):
     """HF generate on left-padded rows: greedy over whatever the processor leaves, no EOS stop."""
-    ids, mask = _left_pad(rows, pad_id, model.device)
+    ids, mask = (t.to(model.device) for t in pad_left(rows, pad_id))  # [B, Lmax] each
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id,
                               bos_token_id=None, **options)
     return model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
