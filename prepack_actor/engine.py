@@ -126,6 +126,7 @@ class Engine(ModelRunner):
     @torch.inference_mode()
     @on_kernels
     def prefill_packed(self, ids: list[list[int]]) -> torch.Tensor:
+        """Encoded prompts on the packed path (routes.py calls it per bucket): logits [P, V] fp32."""
         out = torch.empty(len(ids), self.model.config.vocab_size)
         for g in self.groups([len(x) for x in ids]):
             packed = self.pack([ids[i] for i in g])
@@ -144,6 +145,7 @@ class Engine(ModelRunner):
         return self.generate_packed(ids, params)
 
     def generate_packed(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        """Encoded prompts on the packed path, group by group (routes.py calls it per bucket)."""
         results: list[GenerationResult | None] = [None] * len(ids)
         for g in self.groups([len(x) for x in ids]):
             for i, r in zip(g, self.generate_group([ids[i] for i in g], [params[i] for i in g])):
