@@ -56,7 +56,7 @@ CASES = [
     ("phi3", "phi3", {}, PACKED),
     ("phi3-longrope32", "phi3", LONGROPE, PACKED_BUCKETED),
     ("phimoe-longrope32", "phimoe", {**MOE, **LONGROPE, "rope_parameters": {**LONGROPE["rope_parameters"], "short_mscale": 1.0,
-                                                                "long_mscale": 1.0}}, PACKED_BUCKETED),
+                                                                "long_mscale": 1.25}}, PACKED_BUCKETED),
     ("stablelm", "stablelm", {}, PACKED),
     ("starcoder2-sw8", "starcoder2", SW, PACKED),
     ("gpt2", "gpt2", {}, PACKED),
