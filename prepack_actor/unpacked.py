@@ -44,12 +44,19 @@ def _batches(lengths: list[int], padded: bool, size: int) -> list[list[int]]:
 
 
 def _hf_generate(model, rows: list[list[int]], pad_id: int, new_tokens: int, processor=None, **options):
-    """HF generate on left-padded rows: greedy over whatever the processor leaves, no EOS stop."""
+    """HF generate on left-padded rows: greedy over whatever the processor leaves, no EOS stop.
+
+    The model's own generation_config (EOS, repetition_penalty, ... from the checkpoint) is
+    set aside for the call: transformers fills every unset field from it, and prepack's
+    SamplingParams alone decide (as on the packed path)."""
     ids, mask = (t.to(model.device) for t in pad_left(rows, pad_id))  # [B, Lmax] each
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id,
-                              bos_token_id=None, **options)
-    return model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                          logits_processor=LogitsProcessorList([processor] if processor else []))
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **options)
+    saved, model.generation_config = model.generation_config, GenerationConfig(pad_token_id=pad_id)
+    try:
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                              logits_processor=LogitsProcessorList([processor] if processor else []))
+    finally:
+        model.generation_config = saved
 
 
 @torch.inference_mode()

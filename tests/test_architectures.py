@@ -214,6 +214,8 @@ def test_unpacked_paths_equal_packed_on_a_packed_model(tiny_model_dir):
               SamplingParams(max_new_tokens=6, min_tokens=2, stop_token_ids=[5, 6, 7, 8]),
               SamplingParams(max_new_tokens=5, ignore_eos=True)]
     packed = engine.generate(prompts, params)
+    model.generation_config.repetition_penalty = 5.0  # a checkpoint's defaults must not leak into HF generate
+    model.generation_config.no_repeat_ngram_size = 1
     for padded in (False, True):
         alone = unpacked.generate(engine, ids, params, padded)
         for p, a in zip(packed, alone):
