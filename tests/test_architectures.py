@@ -150,6 +150,8 @@ def build(model_type: str, overrides: dict, attn: str):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn).eval()
     model.generation_config.eos_token_id = None  # every prompt runs its NEW_TOKENS
+    # prepack follows SamplingParams, not a checkpoint's generation defaults (Bart forces EOS last)
+    model.generation_config.forced_eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
 
