@@ -15,6 +15,8 @@ _EXPORTS = {
     "ModelLoadError": "models", "load_model": "models",
     "ScoreConfig": "scoring", "ScoreResult": "scoring", "Scorer": "scoring", "score": "scoring",
     "build_tiny_model": "tiny",
+    "Capability": "capability", "UnsupportedModel": "capability", "capability_of": "capability",
+    "check_model": "capability",
 }
 __all__ = list(_EXPORTS)
 

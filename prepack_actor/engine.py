@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from . import routes
+from .capability import PACKED, UNPACKED
 from .core import kv_cache
 from .core.decode import decode
 from .core.forward import enable_varlen, last_token_logits
@@ -61,6 +63,7 @@ class GenerationResult:
     stop_reason: str | int | None = None  # outputs[0].stop_reason
     logprobs: list[dict[int, Logprob]] | None = None  # outputs[0].logprobs
     outputs: list[Completion] = field(default_factory=list)  # all n completions (SamplingParams.n)
+    engine_path: str = "packed"  # "packed" | "packed_bucketed" | "unpacked" (capability.py)
 
 
 class StopChecker:
@@ -94,7 +97,7 @@ class Engine(ModelRunner):
         self.config = config or EngineConfig()
         super().__init__(model, tokenizer, self.config.onednn_linear)
         # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
-        self.varlen = self.config.varlen and enable_varlen(model)
+        self.varlen = self.config.varlen and self.capability.route != UNPACKED and enable_varlen(model)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
@@ -116,6 +119,14 @@ class Engine(ModelRunner):
     def prefill(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Next-token logits after each prompt, [P, V] fp32, in input order."""
         ids = self.encode(prompts)
+        if self.capability.route != PACKED:  # bucketed or unpacked (capability.py)
+            return routes.prefill(self, ids)
+        return self.prefill_packed(ids)
+
+    @torch.inference_mode()
+    @on_kernels
+    def prefill_packed(self, ids: list[list[int]]) -> torch.Tensor:
+        """Encoded prompts on the packed path (routes.py calls it per bucket): logits [P, V] fp32."""
         out = torch.empty(len(ids), self.model.config.vocab_size)
         for g in self.groups([len(x) for x in ids]):
             packed = self.pack([ids[i] for i in g])
@@ -129,6 +140,12 @@ class Engine(ModelRunner):
         """One result per prompt, in input order. Prompts are str or lists of token ids."""
         params = _per_prompt(sampling, len(prompts))
         ids = self.encode(prompts, reserve=[p.max_new_tokens for p in params])
+        if self.capability.route != PACKED:  # bucketed or unpacked (capability.py)
+            return routes.generate(self, ids, params)
+        return self.generate_packed(ids, params)
+
+    def generate_packed(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        """Encoded prompts on the packed path, group by group (routes.py calls it per bucket)."""
         results: list[GenerationResult | None] = [None] * len(ids)
         for g in self.groups([len(x) for x in ids]):
             for i, r in zip(g, self.generate_group([ids[i] for i in g], [params[i] for i in g])):

@@ -18,6 +18,7 @@ import torch
 import transformers.dynamic_module_utils as _dynamic
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .capability import Capability, UnsupportedModel, capability_of, check_model
 from .core import attention
 from .core.linear import onednn_linear, onednn_refusal
 from .tiny import ARCHS, SIZES, build_tiny_model
@@ -54,19 +55,65 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa",
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", attention.NAME)
+
+
+def model_class(config):
+    """The causal-LM class transformers would build for `config` (remote code included)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if remote:
+        return get_class_from_dynamic_module(remote, config.name_or_path)
+    return _get_model_class(config, AutoModelForCausalLM._model_mapping)
+
+
+def resolve_attn(config, attn_implementation: str) -> str:
+    """'auto' -> sdpa when the model class supports it, else eager; an explicit sdpa it lacks is refused."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    if attn_implementation not in ("auto", "sdpa"):
+        return attn_implementation
+    try:
+        cls = model_class(config)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModel(f"{config.model_type}: no causal-LM class in transformers ({e})") from None
+    if getattr(cls, "_supports_sdpa", False):
+        return "sdpa"
+    if attn_implementation == "sdpa":
+        raise UnsupportedModel(f"{config.model_type}: {cls.__name__} has no sdpa attention in transformers; "
+                               f"use attn_implementation 'auto' or 'eager'")
+    return "eager"
+
+
+def preflight(path: str, attn_implementation: str = "auto", trust_remote_code: bool = False) -> Capability:
+    """The model's Capability from its config alone (modules built on the meta device, no weights);
+    raises UnsupportedModel before any work when it cannot be served."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config._attn_implementation = resolve_attn(config, attn_implementation)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return capability_of(model)
+
+
+def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "auto",
                trust_remote_code: bool = False):
     """Return (model, tokenizer), the model in eval mode on `device`.
 
-    attn_implementation: "sdpa" (default), "eager" or "prepack_varlen"; all take prepack's
-    packed masks. The Engine switches an sdpa model to prepack_varlen for packed prefill
-    (forward.enable_varlen) unless EngineConfig(varlen=False).
+    attn_implementation: "auto" (default: sdpa where the model class supports it, else
+    eager), "sdpa", "eager" or "prepack_varlen"; all take prepack's packed masks. The Engine
+    switches an sdpa model to prepack_varlen for packed prefill (forward.enable_varlen)
+    unless EngineConfig(varlen=False). An explicit "sdpa" on a class without it raises
+    UnsupportedModel.
     """
-    if attn_implementation not in ("sdpa", "eager", attention.NAME):
-        raise ValueError(f"attn_implementation must be 'sdpa', 'eager' or {attention.NAME!r}, "
-                         f"got {attn_implementation!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure here is one message for the user
+        raise ModelLoadError(f"cannot load model from {path!r}: {type(e).__name__}: {e}") from e
+    attn_implementation = resolve_attn(config, attn_implementation)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -89,6 +136,8 @@ class ModelRunner:
         self.device = model.device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_context = context_length(model.config)
+        # The route every entry point takes (packed, bucketed, unpacked); refuses before any work.
+        self.capability = check_model(model)
 
     def kernels(self):
         """The block the runner's model calls run in: oneDNN linear layers where enabled."""

@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import unpacked
+from .capability import PACKED
 from .core.forward import branch_logprobs
 from .core.grouping import GroupConfig
 from .core.packing import pack
@@ -65,6 +67,7 @@ class ScoreResult:
     pack_rows: int = 0  # packed rows of the item's group
     pack_efficiency: float = 0.0  # real tokens / packed slots of the group, in (0, 1]
     error: str | None = None  # why the item could not be scored; other fields empty
+    engine_path: str = "packed"  # "packed" | "unpacked" (each pair its own forward; capability.py)
 
 
 def decide(logprobs: Sequence[float], num_tokens: Sequence[int], choices: Sequence[str],
@@ -126,6 +129,8 @@ class Scorer(ModelRunner):
 
     def score_prepared(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
         """Score validated, tokenized items group by group; results in input order."""
+        if self.capability.route != PACKED:  # not on the plain packed path: each pair alone (capability.py)
+            return unpacked.score(self, prepared)
         shared = self.config.mode == "shared"
         sizes = [sum(u.num_tokens for u in enc.units(shared)) for _, enc in prepared]
         results: list[ScoreResult | None] = [None] * len(prepared)

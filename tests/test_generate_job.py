@@ -97,6 +97,8 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
     assert on_disk["tokens_in"] == sum(r["num_input_tokens"] for r in good.values())
     assert on_disk["model"] == model_dir and on_disk["tokens_out_per_s"] > 0
     assert 0 < on_disk["mean_pack_efficiency"] <= 1
+    assert on_disk["engine_path"] == "packed" and on_disk["capability"] == {"route": "packed", "model_type": "llama"}
+    assert all(r["engine_path"] == "packed" for r in good.values())
 
 
 def test_actor_pool_that_takes_every_cpu_is_refused(ray_local):

@@ -39,3 +39,18 @@ def test_additive_mask_values():
     m = torch.tensor([[True, False]])
     a = additive(m, torch.float32)
     assert a[0, 0] == 0 and a[0, 1] == torch.finfo(torch.float32).min
+
+
+def test_chunked_mask_equals_dense_reference():
+    """Llama 4 chunked layers: q sees k only inside the same chunk of positions, per prompt."""
+    from prepack_actor.core.masks import dense_reference
+    p = pack([[1] * n for n in (13, 3, 9, 17)], capacity=20)
+    got = packed_causal(p.segment_ids, p.position_ids, None, None, chunk=4)
+    for r in range(p.num_rows):
+        ref = dense_reference(p.segment_ids[r].tolist(), p.position_ids[r].tolist(), chunk=4)
+        assert torch.equal(got[r, 0], ref)
+    assert got.any(-1).all()
+    seg, pos = p.segment_ids[0], p.position_ids[0]
+    for q in range(p.width):  # position 4 starts a new chunk: it sees itself only
+        if pos[q] == 4 and seg[q] >= 0:
+            assert got[0, 0, q].sum() == 1

@@ -45,7 +45,8 @@ def varlen_refusal(model) -> str | None:
     Served: models whose attention modules call transformers' AttentionInterface, are
     sdpa-compatible and run sdpa (or attention.NAME already). Refused (dense-mask path):
     eager or other implementations, modules outside the interface (e.g. alibi models),
-    attention logit soft-capping (gemma2), attention sinks (gpt-oss), encoder-decoders.
+    attention logit soft-capping (gemma2), attention sinks (gpt-oss), encoder-decoders,
+    chunked attention and attention temperature tuning (Llama 4).
     """
     cfg = model.config
     impl = cfg._attn_implementation
@@ -60,6 +61,13 @@ def varlen_refusal(model) -> str | None:
     for key in ("attn_logit_softcapping", "alibi", "use_alibi"):
         if getattr(cfg, key, None):
             return f"config.{key} = {getattr(cfg, key)!r} is not implemented by the varlen kernel"
+    qk = getattr(cfg, "qk_head_dim", None) or (getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0))
+    if getattr(cfg, "v_head_dim", None) and qk and cfg.v_head_dim != qk:
+        return f"value head dim {cfg.v_head_dim} != query/key head dim {qk} (MLA) is not implemented by the varlen kernel"
+    if "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return "chunked attention layers are not implemented by the varlen kernel"
+    if getattr(cfg, "attn_temperature_tuning", False):
+        return "attention temperature tuning scales queries by the column in the stream"
     if any(name.endswith("sinks") for name, _ in model.named_parameters()):
         return "attention sinks are not implemented by the varlen kernel"
     return None

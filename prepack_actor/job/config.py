@@ -51,7 +51,7 @@ class ModelConfig:
     path: str = "tiny:llama"  # HF id, local dir, or tiny:ARCH[:SIZE] (built locally once)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: str = "auto"  # auto (sdpa where the model has it, else eager) | sdpa | eager
     cache_dir: str = "artifacts/models"  # where tiny:* checkpoints are built
     trust_remote_code: bool = False  # true: run a checkpoint's own Python code (auto_map); never asked interactively
     onednn_linear: bool = True  # CPU: linear layers on oneDNN with prepacked weights (a second copy of the weights)
@@ -60,7 +60,7 @@ class ModelConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"model.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
-        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _choice("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager"))
         if not self.path:
             raise ConfigError("model.path: expected an HF id, a directory or tiny:ARCH, got ''")
 

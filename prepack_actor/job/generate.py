@@ -6,6 +6,8 @@ from dataclasses import asdict, replace
 
 import pyarrow as pa
 
+from .. import routes
+from ..capability import PACKED
 from ..core.sampling import SamplingParams
 from ..engine import Completion, Engine, EngineConfig, GenerationResult
 from ..inputs import BadInput, encode_prompt
@@ -31,10 +33,10 @@ class GenerateTask(Task):
         ("num_truncated_tokens", pa.int64()), ("num_generated_tokens", pa.int64()),
         ("logprobs", LOGPROBS), ("outputs", pa.list_(COMPLETION)), ("sampling_params", pa.string()),
         ("prefill_s", pa.float64()), ("ttft_s", pa.float64()), ("decode_s", pa.float64()),
-        ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()),
+        ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()), ("engine_path", pa.string()),
         ("error", pa.string()), ("error_kind", pa.string())])
     summary_columns = ("num_generated_tokens",)
-    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
+    headline = ("model", "engine_path", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
                 "tokens_in", "tokens_out", "wall_s", "tokens_out_per_s", "mean_pack_efficiency", "files_written", "first_file_s")
     job_keys = ("model", "input", "sampling", "prompts")
     sample = "sample_prompts.jsonl"
@@ -77,8 +79,10 @@ class GenerateTask(Task):
             max_group_tokens=packing.max_group_tokens))
 
     def run(self, engine: Engine, rows: list[dict]) -> list[GenerationResult]:
-        return engine.generate_group([r["payload"]["input_ids"] for r in rows],
-                                     [r["payload"]["sampling"] for r in rows])
+        ids, params = [r["payload"]["input_ids"] for r in rows], [r["payload"]["sampling"] for r in rows]
+        if engine.capability.route != PACKED:  # bucketed or unpacked (capability.py)
+            return routes.generate(engine, ids, params)
+        return engine.generate_group(ids, params)
 
     def output_row(self, row: dict, result: GenerationResult | None = None,
                    error: tuple[str, str] | None = None) -> dict:
@@ -98,7 +102,8 @@ class GenerateTask(Task):
             sampling_params=json.dumps(overrides, default=str) if overrides else None,
             prefill_s=r.prefill_s if r else None, ttft_s=r.ttft_s if r else None,
             decode_s=r.decode_s if r else None, pack_rows=r.pack_rows if r else None,
-            pack_efficiency=r.pack_efficiency if r else None, error=message, error_kind=kind)
+            pack_efficiency=r.pack_efficiency if r else None, engine_path=r.engine_path if r else None,
+            error=message, error_kind=kind)
         return out
 
     def summary_extra(self, totals: dict, counts: dict, tokens_in: int, wall_s: float) -> dict:

@@ -133,7 +133,8 @@ def _run(cfg, processor: Processor, input_path: str, fs, shards, lease) -> dict:
                          num_shards=len(shards), rows_reused=len(state.done_ids),
                          rows_new=acc.rows_out - len(state.done_ids), rows_retried=state.released,
                          duplicate_ids=scan.num_repeats, files_written=committer.files_written,
-                         first_file_s=committer.first_file_s, config=to_dict(cfg))
+                         first_file_s=committer.first_file_s, engine_path=processor.capability.route,
+                         capability=processor.capability.as_dict(), config=to_dict(cfg))
     print(format_table(summary, task.headline))
     if summary["rows_out"] != rows_in:  # no _summary.json: the output is not a finished job
         raise JobError(f"rows out ({summary['rows_out']}) != rows in ({rows_in})")

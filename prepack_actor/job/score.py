@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from .. import unpacked
+from ..capability import PACKED
 from ..inputs import BadInput
 from ..scoring import ScoreConfig, Scorer, ScoreResult, prepare
 from .config import PackingConfig, ScoringConfig
@@ -18,10 +20,10 @@ class ScoreTask(Task):
         ("choice_num_tokens", pa.list_(pa.int64())), ("choice_is_greedy", pa.list_(pa.bool_())),
         ("pred", pa.int64()), ("pred_norm", pa.int64()), ("correct", pa.bool_()), ("correct_norm", pa.bool_()),
         ("num_input_tokens", pa.int64()), ("shared", pa.bool_()), ("prefill_s", pa.float64()),
-        ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()),
+        ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()), ("engine_path", pa.string()),
         ("error", pa.string()), ("error_kind", pa.string())])
     summary_columns = ("correct", "correct_norm", "prefill_s")
-    headline = ("model", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
+    headline = ("model", "engine_path", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
                 "judged", "accuracy", "accuracy_norm", "tokens_in", "wall_s", "tokens_per_s",
                 "prefill_tokens_per_s", "mean_pack_efficiency", "files_written", "first_file_s")
     job_keys = ("model", "input", "scoring")
@@ -46,7 +48,10 @@ class ScoreTask(Task):
             max_group_prompts=packing.max_group_prompts, length_norm=self.scoring.length_norm))
 
     def run(self, scorer: Scorer, rows: list[dict]) -> list[ScoreResult]:
-        return scorer.score_group([r["payload"] for r in rows])
+        prepared = [r["payload"] for r in rows]
+        if scorer.capability.route != PACKED:  # each (prompt, choice) pair alone (capability.py)
+            return unpacked.score(scorer, prepared)
+        return scorer.score_group(prepared)
 
     def output_row(self, row: dict, result: ScoreResult | None = None,
                    error: tuple[str, str] | None = None) -> dict:
@@ -65,7 +70,7 @@ class ScoreTask(Task):
             correct_norm=r.correct_norm if r else None, num_input_tokens=r.num_tokens if r else 0,
             shared=r.shared if r else None, prefill_s=r.prefill_s if r else None,
             pack_rows=r.pack_rows if r else None, pack_efficiency=r.pack_efficiency if r else None,
-            error=message, error_kind=kind)
+            engine_path=r.engine_path if r else None, error=message, error_kind=kind)
         return out
 
     def summary_extra(self, totals: dict, counts: dict, tokens_in: int, wall_s: float) -> dict:

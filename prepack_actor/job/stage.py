@@ -24,7 +24,8 @@ from typing import Callable
 import pyarrow as pa
 import ray
 
-from ..models import load_tokenizer, resolve_model_path
+from ..capability import PACKED, UnsupportedModel
+from ..models import load_tokenizer, preflight, resolve_model_path
 from .actor import PrepackActor
 from .config import ConfigError, ProcessorConfig
 from .faults import FaultPlan
@@ -84,6 +85,12 @@ class Processor:
         model = replace(config.model, cache_dir=str(Path(config.model.cache_dir).resolve()))  # actors' cwd differs
         self.model_path = resolve_model_path(model.path, model.cache_dir)  # tiny:* is built here, once
         load_tokenizer(self.model_path, model.trust_remote_code)  # fails here, before any work, on an unreadable model
+        try:  # the route the model takes (capability.py); a refusal fails here, before any work
+            self.capability = preflight(self.model_path, model.attn_implementation, model.trust_remote_code)
+        except UnsupportedModel as e:
+            raise ConfigError(f"model.path {config.model.path!r}: {e}") from None
+        if self.capability.route != PACKED:
+            print(f"prepack: {self.capability.model_type} runs {self.capability.route}: {self.capability.reason}")
         packing = config.packing
         if packing.memory_budget_gb:
             try:
