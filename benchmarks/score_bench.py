@@ -6,7 +6,7 @@ Every method scores the same (prompt, choice) pairs with the same harness tokeni
 (inputs.encode_item) on the same model; pairs/s is total pairs / wall time of the
 whole pass (tokenization excluded, packing and mask building included), median over
 repeats. Baselines: each pair its own row, left-padded batches of --batch-size pairs
-(`baselines.pad_left`, positions from the mask as generate does), in input order (full
+(`packing.pad_left`, positions from the mask as generate does), in input order (full
 batching) and sorted by length (length-ordered batching); logits only for the last
 positions that hold continuation tokens. The script checks that every method gives the
 same log-likelihoods before it prints the table.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from prepack_actor.bench.baselines import pad_left
+from prepack_actor.core.packing import pad_left
 from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreConfig, Scorer
 from prepack_actor.tiny import build_tiny_model

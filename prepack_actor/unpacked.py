@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .bench.baselines import pad_left
+from .core.packing import pad_left
 from .capability import UNPACKED
 from .core.decode import Decoded
 from .core.sampling import SamplingParams, Sampler, expand

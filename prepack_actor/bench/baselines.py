@@ -8,16 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def pad_left(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids [B, Lmax], attention_mask [B, Lmax] (0 on the left pad)."""
-    lmax = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), lmax), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), lmax), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, lmax - len(p):] = torch.tensor(p)
-        mask[b, lmax - len(p):] = 1
-    return ids, mask
+from ..core.packing import pad_left
 
 
 @torch.inference_mode()

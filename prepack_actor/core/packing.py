@@ -170,3 +170,14 @@ def branch_targets(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torc
     col = batch.branch_offset[b] + t  # [T] column of the target token
     pred_col = torch.where(t == 0, batch.offset[unit] + batch.length[unit] - 1, col - 1)
     return row * batch.width + pred_col, batch.input_ids[row, col], b
+
+
+def pad_left(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded layout (baselines, the unpacked fallback) -> input_ids [B, Lmax], attention_mask [B, Lmax] (0 on the left pad)."""
+    lmax = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), lmax), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), lmax), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, lmax - len(p):] = torch.tensor(p)
+        mask[b, lmax - len(p):] = 1
+    return ids, mask
