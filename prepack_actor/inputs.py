@@ -9,21 +9,20 @@ Prompts: a string (tokenized with the tokenizer's defaults) or a list of token i
 prompt longer than its limit is an error, or with over_long="truncate" keeps its last
 tokens (the job's prompts.over_long).
 
-Scoring items: {prompt, choices, answer?}. Tokenization rule (lm-evaluation-harness `_encode_pair`):
+Scoring items: {prompt, choices, answer?}. Tokenization is lm-evaluation-harness 0.4.13's
+(`TemplateLM._encode_pair` with `HFLM.tok_encode`), so the tokens scored are lm-eval's:
 1. Trailing whitespace of the prompt moves onto the start of each choice
    ("Answer: " + "A" is scored as "Answer:" + " A").
-2. `context + continuation` is encoded whole, and the context alone; the choice's tokens
-   are the whole string's tokens past the context's token count. So a BPE merge across
-   the boundary is kept as it would appear in running text.
-3. The pair is scored as the whole string's tokens (prompt part = its first
-   len(context tokens) tokens). Special tokens are added as the tokenizer does by
-   default (BOS for Llama-style tokenizers); lm-eval's HF default leaves BOS out.
-Shared layout: the prompt is laid out once only when every choice's whole-string tokens
-start with the same prompt tokens. When a boundary merge makes them differ for some
-choice, that item falls back to the simple layout (one unit per pair); so does an item
-whose prompt + all choices do not fit in the row capacity. Both give the same scores.
-Items whose pairs exceed the model's context are errors (the harness truncates on the
-left instead; we do not silently change what is scored).
+2. The context is the prompt encoded alone; a choice's tokens are those of the whole
+   string `context + choice` past the context's token count (a BPE merge across the
+   boundary stays as it appears in running text). The model sees context + choice tokens.
+3. Special tokens as HFLM adds them: the tokenizer's default (`add_special_tokens=True`:
+   BOS for Llama-style tokenizers, nothing for GPT-2's), except a string that already
+   starts with the BOS text is encoded without them. HFLM's `add_bos_token` left unset.
+All strings of a call are tokenized in one batched tokenizer call (`encode_ids`).
+Items whose context + choice (less the last token, which is never an input) exceed the
+model's context are errors (the harness truncates on the left instead; we do not silently
+change what is scored).
 """
 from __future__ import annotations
 
@@ -114,18 +113,6 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_context: int | None
 
 
 @dataclass
-class Unit:
-    """What the scorer packs: a prompt prefix and its branches (continuations)."""
-
-    prefix: list[int]  # prompt tokens, >= 1
-    branches: list[list[int]]  # continuation tokens per branch, each >= 1
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prefix) + sum(len(b) for b in self.branches)
-
-
-@dataclass
 class ScoreItem:
     prompt: str
     choices: list[str]  # continuation strings, >= 1
@@ -134,16 +121,13 @@ class ScoreItem:
 
 @dataclass
 class EncodedItem:
-    pairs: list[list[int]]  # whole-string tokens of prompt + choice, per choice
-    context_len: int  # tokens of the prompt part (the first context_len of each pair)
-    shareable: bool  # every pair starts with the same context_len tokens
+    context: list[int]  # the prompt's tokens (lm-eval's context_enc), >= 1
+    continuations: list[list[int]]  # each choice's tokens (lm-eval's continuation_enc), >= 1 each
 
-    def units(self, shared: bool) -> list[Unit]:
-        """One tree unit (shared and shareable) or one unit per pair."""
-        c = self.context_len
-        if shared and self.shareable:
-            return [Unit(self.pairs[0][:c], [p[c:] for p in self.pairs])]
-        return [Unit(p[:c], [p[c:]]) for p in self.pairs]
+    def num_tokens(self, shared: bool) -> int:
+        """Tokens laid out: the context once (shared) or per choice, plus each choice but its last token."""
+        tails = {tuple(c[:-1]) for c in self.continuations} if shared else [tuple(c[:-1]) for c in self.continuations]
+        return len(self.context) * (1 if shared else len(self.continuations)) + sum(len(t) for t in tails)
 
 
 def check_item(raw: Mapping[str, Any] | ScoreItem) -> ScoreItem:
@@ -178,21 +162,63 @@ def check_item(raw: Mapping[str, Any] | ScoreItem) -> ScoreItem:
     return ScoreItem(prompt, list(choices), answer)
 
 
-def encode_item(tokenizer, item: ScoreItem, max_context: int | None = None) -> EncodedItem:
-    """Harness tokenization of every (prompt, choice) pair; BadItem with the reason."""
-    context = item.prompt.rstrip()
-    moved = item.prompt[len(context):]  # trailing whitespace goes onto each choice
-    ctx = tokenizer(context)["input_ids"]
+def encode_ids(tokenizer, strings: Sequence[str]) -> list[list[int]]:
+    """Token ids per string in one batched call, special tokens as lm-eval's HFLM.tok_encode adds
+    them: the tokenizer's default, none for a string that already starts with the BOS text."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    mark = tokenizer.decode(prefix) if prefix is not None else ""
+    out: list[list[int]] = [[] for _ in strings]
+    for special in (True, False):
+        idx = [i for i, s in enumerate(strings) if (bool(mark) and s.startswith(mark)) != special]
+        if idx:
+            for i, x in zip(idx, tokenizer([strings[i] for i in idx], add_special_tokens=special)["input_ids"]):
+                out[i] = list(x)
+    return out
+
+
+def encode_items(tokenizer, items: Sequence[ScoreItem], max_context: int | None = None,
+                 pack_capacity: int | None = None) -> list[EncodedItem | BadInput]:
+    """lm-eval's tokenization of every (prompt, choice) pair, one tokenizer call for all items;
+    per item an EncodedItem or the BadInput that says why it cannot be scored."""
+    strings: list[str] = []
+    for item in items:
+        context = item.prompt.rstrip()
+        moved = item.prompt[len(context):]  # trailing whitespace goes onto each choice
+        strings.append(context)
+        strings.extend(context + moved + c for c in item.choices)
+    ids = encode_ids(tokenizer, strings)
+    out: list[EncodedItem | BadInput] = []
+    k = 0
+    for item in items:
+        ctx, wholes = ids[k], ids[k + 1:k + 1 + len(item.choices)]
+        k += 1 + len(item.choices)
+        out.append(_split(item, ctx, wholes, max_context, pack_capacity))
+    return out
+
+
+def _split(item: ScoreItem, ctx: list[int], wholes: list[list[int]], max_context: int | None,
+           pack_capacity: int | None) -> EncodedItem | BadInput:
     if not ctx:
-        raise BadInput("bad_prompt", "prompt has no tokens to condition on")
-    pairs = []
-    for j, choice in enumerate(item.choices):
-        whole = tokenizer(context + moved + choice)["input_ids"]
-        if len(whole) <= len(ctx):
-            raise BadInput("bad_choices", f"choice {j} ({choice!r}) adds no tokens past the prompt's")
-        if max_context is not None and len(whole) > max_context:
-            raise BadInput("too_long", f"prompt + choice {j} is {len(whole)} tokens > the model's context {max_context}")
-        pairs.append(whole)
-    c = len(ctx)
-    shareable = all(p[:c] == pairs[0][:c] for p in pairs[1:])
-    return EncodedItem(pairs, c, shareable)
+        return BadInput("bad_prompt", "prompt has no tokens to condition on")
+    conts = []
+    for j, (choice, whole) in enumerate(zip(item.choices, wholes)):
+        cont = whole[len(ctx):]
+        if not cont:
+            return BadInput("bad_choices", f"choice {j} ({choice!r}) adds no tokens past the prompt's")
+        n = len(ctx) + len(cont) - 1  # the model's input: context + choice but its last token
+        if max_context is not None and n > max_context:
+            return BadInput("too_long", f"prompt + choice {j} is {n + 1} tokens > the model's context "
+                                        f"{max_context} + 1")
+        if pack_capacity is not None and n > pack_capacity:
+            return BadInput("too_long", f"prompt + choice {j} lays out {n} tokens > pack_capacity {pack_capacity}")
+        conts.append(cont)
+    return EncodedItem(list(ctx), conts)
+
+
+def encode_item(tokenizer, item: ScoreItem, max_context: int | None = None,
+                pack_capacity: int | None = None) -> EncodedItem:
+    """One item's EncodedItem (encode_items); raises BadInput with the reason."""
+    enc = encode_items(tokenizer, [item], max_context, pack_capacity)[0]
+    if isinstance(enc, BadInput):
+        raise enc
+    return enc
