@@ -162,47 +162,54 @@ def check_item(raw: Mapping[str, Any] | ScoreItem) -> ScoreItem:
     return ScoreItem(prompt, list(choices), answer)
 
 
-def encode_ids(tokenizer, strings: Sequence[str]) -> list[list[int]]:
-    """Token ids per string in one batched call, special tokens as lm-eval's HFLM.tok_encode adds
-    them: the tokenizer's default, none for a string that already starts with the BOS text."""
+def encode_ids(tokenizer, strings: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per string in one batched call (each distinct string once), special tokens as
+    lm-eval's HFLM.tok_encode adds them: `add_special_tokens` (the tokenizer's default: True),
+    none for a string that already starts with the BOS text (HFLM's prefix token)."""
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     mark = tokenizer.decode(prefix) if prefix is not None else ""
-    out: list[list[int]] = [[] for _ in strings]
-    for special in (True, False):
-        idx = [i for i, s in enumerate(strings) if (bool(mark) and s.startswith(mark)) != special]
-        if idx:
-            for i, x in zip(idx, tokenizer([strings[i] for i in idx], add_special_tokens=special)["input_ids"]):
-                out[i] = list(x)
-    return out
+    distinct = list(dict.fromkeys(strings))
+    ids: dict[str, list[int]] = {}
+    led = [bool(mark) and s.startswith(mark) for s in distinct]
+    for special, todo in ((add_special_tokens, [s for s, b in zip(distinct, led) if not b]),
+                          (False, [s for s, b in zip(distinct, led) if b])):
+        if todo:
+            ids.update(zip(todo, map(list, tokenizer(todo, add_special_tokens=special)["input_ids"])))
+    return [ids[s] for s in strings]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's `_encode_pair` for (context, continuation) string pairs, batched: trailing
+    whitespace of the context moves onto the continuation; the context is encoded alone and
+    the continuation is the whole string's tokens past the context's token count."""
+    strings: list[str] = []
+    for context, continuation in pairs:
+        assert context, "lm-eval puts the prefix token in place of an empty context"
+        stripped = context.rstrip()
+        strings += [stripped, stripped + context[len(stripped):] + continuation]
+    ids = encode_ids(tokenizer, strings)
+    return [(ids[2 * k], ids[2 * k + 1][len(ids[2 * k]):]) for k in range(len(pairs))]
 
 
 def encode_items(tokenizer, items: Sequence[ScoreItem], max_context: int | None = None,
                  pack_capacity: int | None = None) -> list[EncodedItem | BadInput]:
     """lm-eval's tokenization of every (prompt, choice) pair, one tokenizer call for all items;
     per item an EncodedItem or the BadInput that says why it cannot be scored."""
-    strings: list[str] = []
-    for item in items:
-        context = item.prompt.rstrip()
-        moved = item.prompt[len(context):]  # trailing whitespace goes onto each choice
-        strings.append(context)
-        strings.extend(context + moved + c for c in item.choices)
-    ids = encode_ids(tokenizer, strings)
+    encoded = encode_pairs(tokenizer, [(item.prompt, c) for item in items for c in item.choices])
     out: list[EncodedItem | BadInput] = []
     k = 0
     for item in items:
-        ctx, wholes = ids[k], ids[k + 1:k + 1 + len(item.choices)]
-        k += 1 + len(item.choices)
-        out.append(_split(item, ctx, wholes, max_context, pack_capacity))
+        mine = encoded[k:k + len(item.choices)]
+        k += len(item.choices)
+        out.append(_check_pairs(item, mine[0][0], [c for _, c in mine], max_context, pack_capacity))
     return out
 
 
-def _split(item: ScoreItem, ctx: list[int], wholes: list[list[int]], max_context: int | None,
-           pack_capacity: int | None) -> EncodedItem | BadInput:
+def _check_pairs(item: ScoreItem, ctx: list[int], conts: list[list[int]], max_context: int | None,
+                 pack_capacity: int | None) -> EncodedItem | BadInput:
     if not ctx:
         return BadInput("bad_prompt", "prompt has no tokens to condition on")
-    conts = []
-    for j, (choice, whole) in enumerate(zip(item.choices, wholes)):
-        cont = whole[len(ctx):]
+    for j, (choice, cont) in enumerate(zip(item.choices, conts)):
         if not cont:
             return BadInput("bad_choices", f"choice {j} ({choice!r}) adds no tokens past the prompt's")
         n = len(ctx) + len(cont) - 1  # the model's input: context + choice but its last token
@@ -211,7 +218,6 @@ def _split(item: ScoreItem, ctx: list[int], wholes: list[list[int]], max_context
                                         f"{max_context} + 1")
         if pack_capacity is not None and n > pack_capacity:
             return BadInput("too_long", f"prompt + choice {j} lays out {n} tokens > pack_capacity {pack_capacity}")
-        conts.append(cont)
     return EncodedItem(list(ctx), conts)
 
 

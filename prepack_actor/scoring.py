@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 from .core.forward import enable_varlen
 from .core.grouping import GroupConfig
 from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item, encode_items
-from .loglik import LoglikConfig, Request, score_group
+from .loglik import Loglik, LoglikConfig, Request, loglikelihood, score_group
 from .models import ModelRunner
 
 MODES = ("shared", "simple")
@@ -104,7 +104,12 @@ class Scorer(ModelRunner):
         # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
         self.varlen = self.config.varlen and enable_varlen(model)
         c = self.config
-        self.loglik = LoglikConfig(pack_capacity=c.pack_capacity, share=c.mode == "shared", varlen=self.varlen)
+        self.loglik = LoglikConfig(pack_capacity=c.pack_capacity, share=c.mode == "shared", varlen=self.varlen,
+                                   max_group_tokens=c.max_group_tokens, max_group_prompts=c.max_group_prompts)
+
+    def loglikelihood(self, requests: Sequence[Request]) -> list[Loglik]:
+        """lm-eval's (log-likelihood, is_greedy) of token requests, grouped under the budgets (loglik.py)."""
+        return loglikelihood(self, requests, self.loglik)
 
     def prepare(self, raw: Mapping[str, Any] | ScoreItem) -> tuple[ScoreItem, EncodedItem]:
         """Validate and tokenize one item; BadInput with the reason."""
