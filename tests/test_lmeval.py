@@ -168,3 +168,12 @@ def test_lm_eval_cli_prepack_equals_hf(tiny_model_dir, tmp_path):
     pp = cli_accuracy(tmp_path, "prepack", [sys.executable, "-m", "prepack_actor.lmeval", "--model", "prepack",
                                             "--model_args", f"pretrained={model},dtype=float32"])
     assert pp == hf
+
+
+def test_registering_prepack_keeps_lm_evals_models():
+    """lm-eval loads its own models only into an empty registry: ours must not come first."""
+    code = ("import prepack_actor.lmeval; from lm_eval.api.registry import get_model; "
+            "print(get_model('hf').__name__, get_model('prepack').__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.split() == ["HFLM", "PrepackLM"], proc.stderr[-2000:]
