@@ -166,8 +166,7 @@ def encode_ids(tokenizer, strings: Sequence[str], add_special_tokens: bool = Tru
     """Token ids per string in one batched call (each distinct string once), special tokens as
     lm-eval's HFLM.tok_encode adds them: `add_special_tokens` (the tokenizer's default: True),
     none for a string that already starts with the BOS text (HFLM's prefix token)."""
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    mark = tokenizer.decode(prefix) if prefix is not None else ""
+    mark = _bos_text(tokenizer)
     distinct = list(dict.fromkeys(strings))
     ids: dict[str, list[int]] = {}
     led = [bool(mark) and s.startswith(mark) for s in distinct]
@@ -181,14 +180,63 @@ def encode_ids(tokenizer, strings: Sequence[str], add_special_tokens: bool = Tru
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """lm-eval's `_encode_pair` for (context, continuation) string pairs, batched: trailing
     whitespace of the context moves onto the continuation; the context is encoded alone and
-    the continuation is the whole string's tokens past the context's token count."""
-    strings: list[str] = []
-    for context, continuation in pairs:
-        assert context, "lm-eval puts the prefix token in place of an empty context"
-        stripped = context.rstrip()
-        strings += [stripped, stripped + context[len(stripped):] + continuation]
-    ids = encode_ids(tokenizer, strings)
-    return [(ids[2 * k], ids[2 * k + 1][len(ids[2 * k]):]) for k in range(len(pairs))]
+    the continuation is the whole string's tokens past the context's token count.
+
+    The whole string is context + choice, so most of it was just encoded. For byte-level BPE
+    with GPT-2's pre-tokenizer regex (no normalizer), a " word" preceded by a non-space is the
+    start of a pre-token in any text, and BPE never merges across pre-tokens: the whole string's
+    tokens are the context's tokens before that point + the tokens of the rest alone. Only the
+    rest is encoded then (same tokens, a fraction of the work); other tokenizers encode it whole.
+    """
+    stripped = [c.rstrip() for c, _ in pairs]
+    assert all(stripped), "lm-eval puts the prefix token in place of an empty context"
+    wholes = [s + c[len(s):] + cont for s, (c, cont) in zip(stripped, pairs)]
+    ctx_ids, split = _encode_contexts(tokenizer, list(dict.fromkeys(stripped)))
+    tail = [k for k, s in enumerate(stripped) if s in split]
+    full = [k for k, s in enumerate(stripped) if s not in split]
+    whole_ids: dict[int, list[int]] = dict(zip(full, encode_ids(tokenizer, [wholes[k] for k in full])))
+    if tail:
+        rests = tokenizer([wholes[k][split[stripped[k]][0]:] for k in tail], add_special_tokens=False)["input_ids"]
+        for k, rest in zip(tail, rests):
+            cut, n = split[stripped[k]]
+            whole_ids[k] = ctx_ids[stripped[k]][:n] + list(rest)
+    return [(ctx_ids[s], whole_ids[k][len(ctx_ids[s]):]) for k, s in enumerate(stripped)]
+
+
+def _encode_contexts(tokenizer, contexts: list[str]) -> tuple[dict[str, list[int]], dict[str, tuple[int, int]]]:
+    """Token ids per context, and where a context can be cut: (char index, tokens before it)."""
+    mark = _bos_text(tokenizer)
+    local = [s for s in contexts if _local_bpe(tokenizer) and not (mark and s.startswith(mark))]
+    ids: dict[str, list[int]] = {}
+    split: dict[str, tuple[int, int]] = {}
+    if local:
+        enc = tokenizer(local, return_offsets_mapping=True)
+        for s, x, offsets in zip(local, enc["input_ids"], enc["offset_mapping"]):
+            ids[s] = list(x)
+            cut = next((i for i in range(len(s) - 2, 0, -1)
+                        if s[i] == " " and not s[i - 1].isspace() and s[i + 1].isalpha()), None)
+            if cut is not None:
+                split[s] = (cut, sum(1 for _, end in offsets if end <= cut))
+    rest = [s for s in contexts if s not in ids]
+    ids.update(zip(rest, encode_ids(tokenizer, rest)))
+    return ids, split
+
+
+def _bos_text(tokenizer) -> str:
+    """The text of HFLM's prefix token (BOS, else EOS); a string starting with it gets no special tokens."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return tokenizer.decode(prefix) if prefix is not None else ""
+
+
+def _local_bpe(tokenizer) -> bool:
+    """Byte-level BPE with GPT-2's regex pre-tokenizer, no normalizer, no added token holding a space."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None or type(backend.model).__name__ != "BPE":
+        return False
+    pre = backend.pre_tokenizer
+    if type(pre).__name__ != "ByteLevel" or not getattr(pre, "use_regex", False):
+        return False
+    return not any(any(ch.isspace() for ch in t.content) for t in tokenizer.added_tokens_decoder.values())
 
 
 def encode_items(tokenizer, items: Sequence[ScoreItem], max_context: int | None = None,

@@ -192,3 +192,22 @@ def test_config_validation():
     with pytest.raises(ValueError, match="max_group_tokens"):
         ScoreConfig(max_group_tokens=0)
     assert math.isclose(ScoreConfig().max_group_tokens, 8192)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pair_tokens_equal_whole_string_encoding(tiny_model_dir, arch):
+    """encode_pairs' shortcut (only the tail after a pre-token boundary is re-encoded) gives the
+    tokens of encoding context + choice whole, lm-eval's rule, on awkward strings too."""
+    from prepack_actor.inputs import _local_bpe, encode_ids, encode_pairs
+    _, tok = load_model(tiny_model_dir(arch), dtype="float32", device="cpu")
+    assert _local_bpe(tok)  # the shortcut is what runs here
+    contexts = [it["prompt"] for it in sample_scoring(40)] + [
+        "Answer: ", "a  b  c ", "x y\n\nz w", "numbers 123 456 and  ", "émigré café naïve déjà", "tab\tsep word",
+        "it's a dog's life", "A (b) c", "one.two three", "end with space  \n", "<|bos|> starts with bos word"]
+    conts = [" A", "A", " it's", "\n\nnext", "  double", " 42", "x", " é", " word more words"]
+    pairs = [(c, k) for c in contexts for k in conts]
+    got = encode_pairs(tok, pairs)
+    for (ctx, cont), (c_ids, k_ids) in zip(pairs, got):
+        s = ctx.rstrip()
+        whole = encode_ids(tok, [s + ctx[len(s):] + cont])[0]
+        assert c_ids == encode_ids(tok, [s])[0] and k_ids == whole[len(c_ids):], (ctx, cont)
