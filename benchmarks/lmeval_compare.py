@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=2000, help="first N items of mmlu_scoring.jsonl")
     ap.add_argument("--size", choices=("tiny", "small"), default="tiny", help="tiny: 2 layers; small: 70M Llama")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hf-batch-sizes", default="16,64", help="HFLM batch sizes tried (the best is the baseline)")
+    ap.add_argument("--hf-batch-sizes", default="8,16,64", help="HFLM batch sizes tried (the best is the baseline)")
     ap.add_argument("--max-group-tokens", type=int, default=8192, help="prepack tokens per forward pass")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--job", action="store_true", help="also run the Ray job (adds Ray start-up per repeat)")
