@@ -4,7 +4,8 @@
 
 The same MMLU items (first --items of mmlu_scoring.jsonl, 4 one-token choices each) on the
 same checkpoint (a random-weight Llama of --size with a BPE trained on the prompts), fp32
-CPU, one torch thread. Methods, interleaved per repeat (machine load drifts hit all alike):
+CPU, one torch thread. Methods, interleaved per repeat (bench.measure.interleaved: the order
+rotates each round, so machine load drifts hit all alike):
 - `hflm bs=B`: lm-eval 0.4.13's `HFLM.loglikelihood` with its defaults (logits_cache=True:
   one forward per context for one-token continuations), for each --hf-batch-sizes; the
   best of them is the baseline;
@@ -28,6 +29,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from prepack_actor.bench.measure import interleaved
 from prepack_actor.lmeval import PrepackLM
 from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreConfig, Scorer
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=2000, help="first N items of mmlu_scoring.jsonl")
     ap.add_argument("--size", choices=("tiny", "small"), default="tiny", help="tiny: 2 layers; small: 70M Llama")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=0, help="rounds run first and not counted")
     ap.add_argument("--hf-batch-sizes", default="8,16,64", help="HFLM batch sizes tried (the best is the baseline)")
     ap.add_argument("--max-group-tokens", type=int, default=8192, help="prepack tokens per forward pass")
     ap.add_argument("--threads", type=int, default=1)
@@ -86,14 +89,17 @@ def main() -> None:
             return [lp for it in items for lp in by_id[it["id"]]]
         methods["prepack job"] = job
 
-    times: dict[str, list[float]] = {m: [] for m in methods}
     scores: dict[str, list[float]] = {}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
+
+    def runner(name):
+        def run(warm: bool) -> dict:
             t0 = time.perf_counter()
-            scores[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-            print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
+            scores[name] = methods[name]()
+            return {"s": time.perf_counter() - t0}
+        return run
+
+    rounds = interleaved({m: runner(m) for m in methods}, args.repeats, args.warmup, log=print)
+    times = {m: [r["s"] for r in rs] for m, rs in rounds.items()}
     hf_names = [m for m in methods if m.startswith("hflm")]
     ref = scores[hf_names[0]]
     for name, got in scores.items():
