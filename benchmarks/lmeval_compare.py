@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -48,6 +49,14 @@ def run_job(model_dir: str, items_file: Path, out: Path, group_tokens: int) -> t
 
 
 def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="lmeval-compare-"))
+    try:
+        compare(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare(tmp: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="folder with mmlu_scoring.jsonl (e.g. ../shared/data)")
     ap.add_argument("--items", type=int, default=2000, help="first N items of mmlu_scoring.jsonl")
@@ -63,7 +72,6 @@ def main() -> None:
 
     items = [json.loads(line) for line in open(args.data / "mmlu_scoring.jsonl")][:args.items]
     texts = [json.loads(line)["prompt"] for f in ("mmlu.jsonl", "alpaca.jsonl") for line in open(args.data / f)]
-    tmp = Path(tempfile.mkdtemp(prefix="lmeval-compare-"))
     model_dir = str(build_tiny_model("llama", tmp / "model", size=args.size, texts=texts))
     hf_model, hf_tok = load_model(model_dir, dtype="float32", device="cpu")
     model, tok = load_model(model_dir, dtype="float32", device="cpu")  # a copy: prepack switches it to varlen
