@@ -176,6 +176,16 @@ class PrepackLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """HFLM's (`--apply_chat_template`): the tokenizer's template; without the system turn if it refuses one."""
+        import jinja2
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=not add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
+        except jinja2.exceptions.TemplateError:
+            return self.tokenizer.apply_chat_template([m for m in chat_history if m["role"] != "system"], **kwargs)
+
     @property
     def engine(self) -> Engine:
         if self._engine is None:

@@ -177,3 +177,11 @@ def test_registering_prepack_keeps_lm_evals_models():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.stdout.split() == ["HFLM", "PrepackLM"], proc.stderr[-2000:]
+
+
+def test_chat_template_equals_hflm(pair):
+    hf, pp, _, tok = pair
+    if not tok.chat_template:
+        pytest.skip("no chat template")
+    chat = [{"role": "user", "content": "2 + 2 = ?"}]
+    assert pp.apply_chat_template(chat) == hf.apply_chat_template(chat)
