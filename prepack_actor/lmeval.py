@@ -16,7 +16,8 @@ context, packed without padding. `loglikelihood_rolling` uses lm-eval's windows
 (loglik.rolling_requests); `generate_until` runs on the Engine (greedy unless do_sample).
 
 model_args: pretrained (dir, HF id, tiny:ARCH, or a loaded model with tokenizer=), dtype
-(auto | float32 | bfloat16 | float16), device, max_length (default: lm-eval's rule), mode
+(auto: bf16/fp16 on GPU, fp32 on CPU | float32 | bfloat16 | float16), device (auto: cuda when
+present; --device sets it), max_length (default: lm-eval's rule), mode
 (shared | simple), max_group_tokens, max_group_prompts, varlen, max_gen_toks, add_bos_token,
 prefix_token_id, trust_remote_code. batch_size is accepted and ignored (groups are by tokens).
 """
@@ -52,7 +53,7 @@ def _flag(value: Any) -> bool:
 @register_model("prepack")
 class PrepackLM(TemplateLM):
     def __init__(self, pretrained: Any = "tiny:llama", tokenizer: Any = None, dtype: str = "auto",
-                 device: str | None = "cpu", max_length: int | None = None, mode: str = "shared",
+                 device: str | None = None, max_length: int | None = None, mode: str = "shared",
                  max_group_tokens: int = 8192, max_group_prompts: int = 1024, varlen: Any = True,
                  max_gen_toks: int = 256, add_bos_token: Any = None, prefix_token_id: int | None = None,
                  trust_remote_code: Any = False, cache_dir: str = "artifacts/models", batch_size: Any = None,
