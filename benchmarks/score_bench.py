@@ -3,7 +3,7 @@
     python benchmarks/score_bench.py --data ../shared/data --items 2000 --size small --repeats 3
 
 Every method scores the same (prompt, choice) pairs with the same harness tokenization
-(inputs.encode_item) on the same model; pairs/s is total pairs / wall time of the
+(inputs.encode_items) on the same model; pairs/s is total pairs / wall time of the
 whole pass (tokenization excluded, packing and mask building included), median over
 repeats. Baselines: each pair its own row, left-padded batches of --batch-size pairs
 (`packing.pad_left`, positions from the mask as generate does), in input order (full
@@ -74,7 +74,7 @@ def main() -> None:
     scorers = {m: Scorer(model, tok, ScoreConfig(mode=m, max_group_tokens=args.max_group_tokens))
                for m in ("shared", "simple")}
     prepared = [scorers["shared"].prepare(it) for it in items]
-    pairs = [(p, enc.context_len) for _, enc in prepared for p in enc.pairs]
+    pairs = [(enc.context + c, len(enc.context)) for _, enc in prepared for c in enc.continuations]
     n_pairs = len(pairs)
     by_len = sorted(range(n_pairs), key=lambda i: len(pairs[i][0]))
     methods = {
@@ -97,7 +97,7 @@ def main() -> None:
         assert diff < 1e-3, f"{name} disagrees with the padded baseline by {diff}"
 
     tokens_pair = sum(len(p) for p, _ in pairs)
-    tokens_shared = sum(sum(u.num_tokens for u in enc.units(True)) for _, enc in prepared)
+    tokens_shared = sum(enc.num_tokens(True) for _, enc in prepared)
     print(f"{args.items} MMLU items, {n_pairs} pairs, {args.arch}-{args.size} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), fp32 CPU, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")

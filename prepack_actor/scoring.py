@@ -4,33 +4,32 @@
     results[0].choice_logprobs, results[0].pred, results[0].correct
 
 For every (prompt, choice) pair: the sum of the choice tokens' log-probabilities given the
-prompt, the number of choice tokens, and whether every choice token is the argmax.
-Tokenization follows lm-evaluation-harness (see inputs.py for the exact rule).
+prompt, the number of choice tokens, and whether every choice token is the argmax; the
+numbers of lm-evaluation-harness 0.4.13's HF backend (tokenization: inputs.py; the layout:
+loglik.py).
 
 Modes:
+- "shared": one packed unit per distinct prompt; single-token choices are read from the
+  prompt's last logits, longer ones are branches of it (loglik.py).
 - "simple": each prompt + choice is its own packed segment (the paper's layout).
-- "shared": the prompt is packed once and the choices are branches of a tree mask
-  (core/masks.py), so a 4-choice item costs one prompt plus four short continuations.
-  Items whose prompt tokens are not common to all choices fall back to "simple".
 
-Per group of items (under `max_group_tokens`, `max_group_prompts`): pack FFD, one forward, sums.
-`pred` is the argmax of the sums; `pred_norm` of the sums divided by the choice's length
-in characters (lm-eval's acc_norm) or in tokens (`length_norm="tokens"`).
+Per group of items (under `max_group_tokens`, `max_group_prompts`): one or two forward
+passes (loglik.score_group), sums. `pred` is the argmax of the sums; `pred_norm` of the sums
+divided by the choice's length in characters without the target delimiter (lm-eval's
+acc_norm: len(doc_to_choice) with target_delimiter " ") or in tokens (`length_norm="tokens"`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from . import unpacked
 from .capability import PACKED
-from .core.forward import branch_logprobs
+from .core.forward import enable_varlen
 from .core.grouping import GroupConfig
-from .core.packing import pack
-from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item
-from .models import ModelRunner
+from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item, encode_items
+from .loglik import Loglik, LoglikConfig, Request, loglikelihood, score_group
+from .models import ModelRunner, on_kernels
 
 MODES = ("shared", "simple")
 NORMS = ("chars", "tokens")
@@ -38,10 +37,14 @@ NORMS = ("chars", "tokens")
 
 @dataclass
 class ScoreConfig(GroupConfig):
-    mode: str = "shared"  # "shared" (prompt once, choices as tree branches) | "simple" (pair per segment)
+    mode: str = "shared"  # "shared" (one unit per distinct prompt, choices read from it) | "simple" (pair per segment)
     length_norm: str = "chars"  # pred_norm divides by choice "chars" (lm-eval acc_norm) | "tokens"
+    target_delimiter: str = " "  # "chars": a choice's leading delimiter is not counted (lm-eval's target_delimiter)
+    varlen: bool = True  # one unpadded stream on varlen attention where the model allows it (forward.varlen_refusal)
     max_group_prompts: int = 256  # items per forward pass, >= 1
     max_group_tokens: int = 8192  # tokens laid out per forward pass (bounds memory), >= 1
+    # CPU: linear layers on oneDNN with prepacked weights (core/linear.py), as EngineConfig.
+    onednn_linear: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,8 +63,8 @@ class ScoreResult:
     pred_norm: int | None = None  # argmax of length-normalised choice_logprobs
     correct: bool | None = None  # pred == answer; None without an answer
     correct_norm: bool | None = None  # pred_norm == answer; None without an answer
-    num_tokens: int = 0  # tokens this item laid out (prompt once per unit + choices)
-    shared: bool = False  # laid out as one prompt-shared tree
+    num_tokens: int = 0  # tokens this item laid out (prompt once per unit + choices but their last token)
+    shared: bool = False  # the prompt laid out once for all its choices
     prefill_s: float = 0.0  # this item's token share of its group's forward pass
     pack_units: int = 0  # units in the item's group (rows before packing)
     pack_rows: int = 0  # packed rows of the item's group
@@ -71,9 +74,17 @@ class ScoreResult:
 
 
 def decide(logprobs: Sequence[float], num_tokens: Sequence[int], choices: Sequence[str],
-           answer: int | None, length_norm: str = "chars") -> dict[str, Any]:
-    """pred / pred_norm / correct / correct_norm from per-choice sums (the one aggregation)."""
-    lengths = [len(c) for c in choices] if length_norm == "chars" else list(num_tokens)
+           answer: int | None, length_norm: str = "chars", target_delimiter: str = " ") -> dict[str, Any]:
+    """pred / pred_norm / correct / correct_norm from per-choice sums (the one aggregation).
+
+    "chars": lm-eval 0.4.13's acc_norm divides by len(choice) of doc_to_choice, which has no
+    target delimiter; our choices carry it (" A"), so a leading `target_delimiter` is not counted.
+    """
+    if length_norm == "chars":
+        lengths = [len(c[len(target_delimiter):] if target_delimiter and c.startswith(target_delimiter) else c)
+                   for c in choices]
+    else:
+        lengths = list(num_tokens)
     normed = [lp / max(1, n) for lp, n in zip(logprobs, lengths)]
     pred = max(range(len(logprobs)), key=logprobs.__getitem__)  # first on ties, like argmax
     pred_norm = max(range(len(normed)), key=normed.__getitem__)
@@ -84,28 +95,32 @@ def decide(logprobs: Sequence[float], num_tokens: Sequence[int], choices: Sequen
 
 def prepare(tokenizer, raw: Mapping[str, Any] | ScoreItem, max_context: int | None,
             pack_capacity: int | None = None) -> tuple[ScoreItem, EncodedItem]:
-    """Validate and tokenize one item (no model needed); ValueError with the reason."""
+    """Validate and tokenize one item (no model needed); BadInput (a ValueError) with the reason."""
     item = check_item(raw)
-    enc = encode_item(tokenizer, item, max_context)
-    if pack_capacity is not None:
-        longest = max(range(len(enc.pairs)), key=lambda j: len(enc.pairs[j]))
-        if len(enc.pairs[longest]) > pack_capacity:
-            raise BadInput("too_long", f"prompt + choice {longest} is {len(enc.pairs[longest])} tokens "
-                             f"> pack_capacity {pack_capacity}")
-        if enc.shareable and enc.units(True)[0].num_tokens > pack_capacity:
-            enc.shareable = False  # the tree does not fit one row: the pairs do
-    return item, enc
+    return item, encode_item(tokenizer, item, max_context, pack_capacity)
 
 
 class Scorer(ModelRunner):
     """Holds the model, tokenizer and config; `score(items)` is the whole pipeline."""
 
     def __init__(self, model, tokenizer, config: ScoreConfig | None = None):
-        super().__init__(model, tokenizer)
         self.config = config or ScoreConfig()
+        super().__init__(model, tokenizer, self.config.onednn_linear)
+        # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
+        self.varlen = self.config.varlen and enable_varlen(model)
+        c = self.config
+        self.loglik = LoglikConfig(pack_capacity=c.pack_capacity, share=c.mode == "shared", varlen=self.varlen,
+                                   max_group_tokens=c.max_group_tokens, max_group_prompts=c.max_group_prompts)
+
+    @on_kernels
+    def loglikelihood(self, requests: Sequence[Request]) -> list[Loglik]:
+        """lm-eval's (log-likelihood, is_greedy) of token requests, grouped under the budgets (loglik.py)."""
+        if self.capability.route != PACKED:  # not on the plain packed path: each request alone (capability.py)
+            return unpacked.loglikelihood(self.model, list(requests))
+        return loglikelihood(self, requests, self.loglik)
 
     def prepare(self, raw: Mapping[str, Any] | ScoreItem) -> tuple[ScoreItem, EncodedItem]:
-        """Validate and tokenize one item; ValueError with the reason."""
+        """Validate and tokenize one item; BadInput with the reason."""
         return prepare(self.tokenizer, raw, self.max_context, self.config.pack_capacity)
 
     def score(self, items: Sequence[Mapping[str, Any] | ScoreItem], errors: str = "raise") -> list[ScoreResult]:
@@ -113,26 +128,37 @@ class Scorer(ModelRunner):
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         results: list[ScoreResult | None] = [None] * len(items)
-        good: list[int] = []
-        prepared: list[tuple[ScoreItem, EncodedItem]] = []
+        checked: list[tuple[int, ScoreItem | BadInput]] = []
         for i, raw in enumerate(items):
             try:
-                prepared.append(self.prepare(raw))
-                good.append(i)
+                checked.append((i, check_item(raw)))
             except BadInput as e:
+                checked.append((i, e))
+        ok = [(i, it) for i, it in checked if isinstance(it, ScoreItem)]
+        encoded = dict(zip([i for i, _ in ok], encode_items(self.tokenizer, [it for _, it in ok], self.max_context,
+                                                            self.config.pack_capacity)))  # one tokenizer call
+        good: list[int] = []
+        prepared: list[tuple[ScoreItem, EncodedItem]] = []
+        for i, it in checked:
+            bad = it if isinstance(it, BadInput) else encoded[i]
+            if isinstance(bad, BadInput):
                 if errors == "raise":
-                    raise ItemError(i, e.reason, e.kind) from None
-                results[i] = ScoreResult(error=str(e))
+                    raise ItemError(i, bad.reason, bad.kind) from None
+                results[i] = ScoreResult(error=str(bad))
+            else:
+                good.append(i)
+                prepared.append((it, bad))
         for i, r in zip(good, self.score_prepared(prepared)):
             results[i] = r
         return results  # type: ignore[return-value]
 
+    @on_kernels
     def score_prepared(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
         """Score validated, tokenized items group by group; results in input order."""
         if self.capability.route != PACKED:  # not on the plain packed path: each pair alone (capability.py)
             return unpacked.score(self, prepared)
         shared = self.config.mode == "shared"
-        sizes = [sum(u.num_tokens for u in enc.units(shared)) for _, enc in prepared]
+        sizes = [enc.num_tokens(shared) for _, enc in prepared]
         results: list[ScoreResult | None] = [None] * len(prepared)
         for g in self.groups(sizes):
             for i, r in zip(g, self.score_group([prepared[i] for i in g])):
@@ -144,26 +170,23 @@ class Scorer(ModelRunner):
         return self.config.groups(sizes)
 
     def score_group(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
-        """Pack one group, one forward, then sums per choice and decisions per item."""
-        units = [enc.units(self.config.mode == "shared") for _, enc in prepared]
-        flat = [u for us in units for u in us]
-        batch = pack([u.prefix for u in flat], self.config.pack_capacity, self.pad_id, [u.branches for u in flat])
-        t0 = self.now()
-        logprob, greedy, branch = branch_logprobs(self.model, batch)  # [T] each
-        prefill_s = self.now() - t0
-        sums, counts, all_greedy = per_branch(logprob, greedy, branch, len(batch.branch_length))
-        out, b = [], 0
-        for (item, enc), us in zip(prepared, units):
+        """One group: its (prompt, choice) requests through loglik.score_group, then decisions per item."""
+        requests = [Request(enc.context, c) for _, enc in prepared for c in enc.continuations]
+        lls, stats = score_group(self, requests, self.loglik)
+        shared = self.config.mode == "shared"
+        out, k = [], 0
+        for item, enc in prepared:
             n = len(item.choices)
-            lps, nts, grd = sums[b:b + n], counts[b:b + n], all_greedy[b:b + n]
-            b += n
-            tokens = sum(u.num_tokens for u in us)
+            mine = lls[k:k + n]
+            k += n
+            lps, nts = [r.logprob for r in mine], [r.num_tokens for r in mine]
+            tokens = enc.num_tokens(shared)
             out.append(ScoreResult(
-                choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=grd,
-                **decide(lps, nts, item.choices, item.answer, self.config.length_norm),
-                num_tokens=tokens, shared=len(us) == 1 and n > 1,
-                prefill_s=prefill_s * tokens / batch.num_tokens, pack_units=len(flat),
-                pack_rows=batch.num_rows, pack_efficiency=batch.efficiency))
+                choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=[r.is_greedy for r in mine],
+                **decide(lps, nts, item.choices, item.answer, self.config.length_norm, self.config.target_delimiter),
+                num_tokens=tokens, shared=shared and n > 1,
+                prefill_s=stats.forward_s * tokens / max(1, stats.tokens), pack_units=stats.units,
+                pack_rows=stats.rows, pack_efficiency=stats.efficiency))
         return out
 
 
@@ -177,15 +200,6 @@ def score(model, tokenizer, items: Sequence[Mapping[str, Any] | ScoreItem], mode
     if mode is not None:
         config = replace(config, mode=mode)
     return Scorer(model, tokenizer, config).score(items, errors)
-
-
-def per_branch(values: torch.Tensor, greedy: torch.Tensor, branch: torch.Tensor,
-               num_branches: int) -> tuple[list[float], list[int], list[bool]]:
-    """Sum target log-probs per branch -> (sum, tokens, all tokens greedy), branch order."""
-    total = torch.zeros(num_branches, dtype=torch.float64).index_add_(0, branch, values.double())
-    count = torch.zeros(num_branches, dtype=torch.long).index_add_(0, branch, torch.ones_like(branch))
-    misses = torch.zeros(num_branches, dtype=torch.long).index_add_(0, branch, (~greedy).long())
-    return total.tolist(), count.tolist(), (misses == 0).tolist()
 
 
 def accuracy(results: Sequence[ScoreResult]) -> dict[str, Any]:

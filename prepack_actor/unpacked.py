@@ -124,24 +124,34 @@ def _cut(logprobs, n: int, params: SamplingParams):
 
 
 @torch.inference_mode()
+def loglikelihood(model, requests: list) -> list:
+    """loglik.Loglik per loglik.Request: each (context, continuation) its own forward, as HF scores it."""
+    from .loglik import Loglik
+
+    out = []
+    for r in requests:
+        pair = r.context + r.continuation
+        logits = model(torch.tensor([pair], device=model.device), use_cache=False).logits[0].float()  # [L, V]
+        pred = logits[len(r.context) - 1: len(pair) - 1]  # [C, V] predicts the continuation tokens
+        target = torch.tensor(r.continuation, device=pred.device)[:, None]  # [C, 1]
+        out.append(Loglik(float(torch.log_softmax(pred, -1).gather(-1, target).sum()),
+                          bool((pred.argmax(-1) == target[:, 0]).all()), len(r.continuation)))
+    return out
+
+
 def score(scorer, prepared: list) -> list:
     """ScoreResults for (ScoreItem, EncodedItem) pairs: each (prompt, choice) pair its own forward."""
+    from .loglik import Request
     from .scoring import ScoreResult, decide
 
-    model, out = scorer.model, []
+    out = []
     for item, enc in prepared:
         t0 = scorer.now()
-        lps, nts, grd = [], [], []
-        for pair in enc.pairs:
-            logits = model(torch.tensor([pair], device=model.device), use_cache=False).logits[0].float()  # [L, V]
-            pred = logits[enc.context_len - 1: len(pair) - 1]  # [C, V] predicts the choice tokens
-            target = torch.tensor(pair[enc.context_len:], device=pred.device)[:, None]  # [C, 1]
-            lps.append(float(torch.log_softmax(pred, -1).gather(-1, target).sum()))
-            nts.append(len(pair) - enc.context_len)
-            grd.append(bool((pred.argmax(-1) == target[:, 0]).all()))
+        ls = loglikelihood(scorer.model, [Request(enc.context, c) for c in enc.continuations])
+        lps, nts = [x.logprob for x in ls], [x.num_tokens for x in ls]
         out.append(ScoreResult(
-            choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=grd,
-            **decide(lps, nts, item.choices, item.answer, scorer.config.length_norm),
-            num_tokens=sum(len(p) for p in enc.pairs), shared=False, prefill_s=scorer.now() - t0,
-            pack_units=len(enc.pairs), pack_rows=len(enc.pairs), pack_efficiency=1.0, engine_path=UNPACKED))
+            choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=[x.is_greedy for x in ls],
+            **decide(lps, nts, item.choices, item.answer, scorer.config.length_norm, scorer.config.target_delimiter),
+            num_tokens=sum(len(enc.context) + n for n in nts), shared=False, prefill_s=scorer.now() - t0,
+            pack_units=len(nts), pack_rows=len(nts), pack_efficiency=1.0, engine_path=UNPACKED))
     return out

@@ -38,18 +38,25 @@ BAD = [  # (line, expected error_kind)
     ('{"id": "broken", "prompt": ', "invalid_json"),
 ]
 UNJUDGED = {"id": "no-answer", "prompt": "The sky is", "choices": [" blue", " green"], "extra": 7}
+REQUEST = {"id": "request", "request_type": "loglikelihood", "prompt": "The sky is", "continuation": " green"}
+BAD_REQUESTS = [  # (row, expected error_kind): lm-eval-style rows that cannot be scored
+    ({"id": "req-generate", "request_type": "generate_until", "prompt": "x", "continuation": " y"}, "bad_request"),
+    ({"id": "req-empty", "request_type": "loglikelihood", "prompt": "x", "continuation": ""}, "bad_request"),
+    ({"id": "req-both", "request_type": "loglikelihood", "prompt": "x", "continuation": " y", "choices": [" y"]},
+     "bad_request"),
+]
 
 
 def write_input(path: Path) -> Path:
     lines = [json.dumps(r) for r in GOOD[:4]] + [b for b, _ in BAD] + [json.dumps(UNJUDGED)] + \
-            [json.dumps(r) for r in GOOD[4:]]
+            [json.dumps(r) for r in GOOD[4:]] + [json.dumps(REQUEST)] + [json.dumps(r) for r, _ in BAD_REQUESTS]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def check_rows(rows: list[dict], model, tok) -> None:
     """Behaviour shared by the direct and the Ray Data runs."""
-    n_in = len(GOOD) + len(BAD) + 1
+    n_in = len(GOOD) + len(BAD) + 2 + len(BAD_REQUESTS)
     assert len(rows) == n_in and len({r["id"] for r in rows}) == n_in  # rows in = rows out
     by_id = {r["id"]: r for r in rows}
     for line, kind in BAD:
@@ -67,6 +74,12 @@ def check_rows(rows: list[dict], model, tok) -> None:
         assert row["correct"] == (None if "answer" not in item else row["pred"] == item["answer"])
         assert row["choices"] == item["choices"] and row["prefill_s"] > 0 and 0 < row["pack_efficiency"] <= 1
     assert by_id["no-answer"]["extra"] == 7  # carried input columns come back
+    req = by_id["request"]  # the lm-eval-style request: the same pair as no-answer's second choice
+    assert req["error"] is None and req["continuation"] == " green" and req["correct"] is None
+    assert abs(req["loglikelihood"] - by_id["no-answer"]["choice_logprobs"][1]) < 1e-4
+    assert req["is_greedy"] == by_id["no-answer"]["choice_is_greedy"][1]
+    for row, kind in BAD_REQUESTS:
+        assert by_id[row["id"]]["error_kind"] == kind and by_id[row["id"]]["loglikelihood"] is None
 
 
 def test_actor_scores_groups_and_passes_error_rows(tiny_model_dir, tmp_path):
@@ -128,4 +141,21 @@ def test_job_through_ray_data(tiny_model_dir, tmp_path, ray_local):
     assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in judged) / len(judged))
     assert summary["accuracy_norm"] == pytest.approx(sum(r["correct_norm"] for r in judged) / len(judged))
     assert summary["errors_by_kind"]["bad_choices"] == 4
+    assert summary["pairs"] == sum(len(r["choice_logprobs"]) for r in rows if r["error"] is None)
+    assert summary["actors"] == 1 and summary["busy_s"] > 0 and summary["load_s"] > 0
+    assert 0 < summary["fixed_s"] <= summary["start_s"] + summary["wall_s"]
+    assert summary["steady_pairs_per_s"] > summary["pairs"] / (summary["start_s"] + summary["wall_s"])
     assert json.loads((out / "_summary.json").read_text())["accuracy"] == summary["accuracy"]
+
+
+def test_cost_separates_fixed_cost_from_throughput():
+    import pyarrow as pa
+    from prepack_actor.job.pipeline import Cost
+    cost = Cost(start_s=5.0)
+    for actor, load, busy in (("a", 2.0, 1.0), ("b", 3.0, 1.0), ("a", 0.0, 2.0), ("b", 0.0, 2.0)):
+        cost.add(pa.table({"actor": [actor], "load_s": [load], "busy_s": [busy]}))
+    s = cost.summary(wall_s=10.0, pairs=300)
+    assert (s["actors"], s["load_s"], s["busy_s"]) == (2, 3.0, 6.0)
+    assert s["fixed_s"] == 12.0  # 5 + 10 - 6 / 2: the rest of the run is the actors' work
+    assert s["steady_pairs_per_s"] == 100.0 and s["pairs"] == 300
+    assert "pairs" not in cost.summary(wall_s=10.0)  # generation: no pairs

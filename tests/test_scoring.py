@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from prepack_actor.core.masks import dense_reference, packed_causal
-from prepack_actor.core.packing import branch_targets, pack
-from prepack_actor.inputs import ItemError, Unit, check_item, encode_item
+from prepack_actor.core.packing import pack
+from prepack_actor.inputs import ItemError, check_item, encode_item
+from prepack_actor.loglik import Request, _layout, plan
 from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreConfig, Scorer, accuracy, decide, score
 
@@ -34,14 +35,14 @@ def sample_scoring(n: int) -> list[dict]:
 
 @torch.inference_mode()
 def reference(model, tokenizer, item: dict) -> tuple[list[float], list[int], list[bool]]:
-    """Each pair alone through HF: harness tokenization, full forward, log_softmax."""
+    """Each pair alone through HF: lm-eval's tokens (context + continuation), full forward, log_softmax."""
     enc = encode_item(tokenizer, check_item(item))
     sums, counts, greedy = [], [], []
-    for whole in enc.pairs:
-        ids = torch.tensor([whole])
+    c = len(enc.context)
+    for cont in enc.continuations:
+        ids = torch.tensor([enc.context + cont])
         logits = model(input_ids=ids, use_cache=False).logits[0].float()  # [L, V]
         lp = torch.log_softmax(logits, -1)
-        c = enc.context_len
         targets = ids[0, c:]
         sums.append(float(lp[c - 1:-1].gather(-1, targets[:, None]).sum()))
         counts.append(len(targets))
@@ -55,9 +56,9 @@ def test_packed_scores_equal_each_pair_alone(tiny_model_dir, arch, attn):
     model, tok = load_model(tiny_model_dir(arch), dtype="float32", device="cpu", attn_implementation=attn)
     items = ITEMS + sample_scoring(3)
     refs = [reference(model, tok, it) for it in items]
-    for mode in ("simple", "shared"):
+    for mode, varlen in (("simple", True), ("shared", True), ("shared", False)):
         # a small group budget forces several groups and many items per packed row
-        results = score(model, tok, items, mode=mode, config=ScoreConfig(max_group_tokens=600))
+        results = score(model, tok, items, mode=mode, config=ScoreConfig(max_group_tokens=600, varlen=varlen))
         for it, res, (sums, counts, greedy) in zip(items, results, refs):
             assert res.choice_num_tokens == counts
             assert res.choice_is_greedy == greedy
@@ -81,8 +82,8 @@ def test_modes_agree_and_shared_lays_out_fewer_tokens(tiny_model_dir):
 
 
 def test_tree_mask_matches_dense_reference():
-    units = [Unit([1, 2, 3], [[4, 5], [6], [7, 8, 9]]), Unit([10], [[11]]), Unit([12, 13], [[14]])]
-    batch = pack([u.prefix for u in units], 12, 0, [u.branches for u in units])
+    units = [([1, 2, 3], [[4, 5], [6], [7, 8, 9]]), ([10], [[11]]), ([12, 13], [[14]])]
+    batch = pack([u[0] for u in units], 12, 0, [u[1] for u in units])
     mask = packed_causal(batch.segment_ids, batch.position_ids, batch.branch_ids)
     for r in range(batch.num_rows):
         ref = dense_reference(batch.segment_ids[r].tolist(), batch.position_ids[r].tolist(),
@@ -93,22 +94,25 @@ def test_tree_mask_matches_dense_reference():
     r, o = 0, int((batch.segment_ids[0] == 0).nonzero()[0])
     assert batch.position_ids[r, o:o + 9].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 5]
     assert mask[r, 0, o + 5, o:o + 9].tolist() == [True] * 3 + [False, False, True] + [False] * 3
-    # targets: first tokens of all three branches are read at the prompt's last column
-    slots = branch_targets(batch)[0]
-    first = [int(slots[t]) % batch.width for t in (0, 2, 3)]
-    assert first == [o + 2] * 3
+    # loglik lays continuation c as branch c[:-1]: [4, 5, x] and [6, y] and [7, 8, 9, z] give these branches;
+    # every first target is read at the prompt's last column, later ones on the branch
+    p = plan([Request([1, 2, 3], c) for c in ([4, 5, 0], [6, 0], [7, 8, 9, 0], [5])])
+    assert p.branches == [[[4, 5], [6], [7, 8, 9]]] and p.where == [(0, 0), (0, 1), (0, 2), (0, -1)]
+    b, ctx_last, start = _layout(p, [0], False, None, 0)
+    assert ctx_last[0] == 2 and [start[(0, j)] for j in range(3)] == [3, 5, 6]
+    assert b.input_ids[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def test_harness_tokenization_moves_trailing_space(tiny_model_dir):
     _, tok = load_model(tiny_model_dir("gpt2"), dtype="float32", device="cpu")
     enc = encode_item(tok, check_item({"prompt": "Answer: ", "choices": ["yes", "no"]}))
-    ctx = tok("Answer:")["input_ids"]
-    assert enc.context_len == len(ctx)
-    assert enc.pairs[0] == tok("Answer: yes")["input_ids"]
-    assert tok.decode(enc.pairs[0][enc.context_len:]) == " yes"
+    assert enc.context == tok("Answer:")["input_ids"]
+    whole = tok("Answer: yes")["input_ids"]
+    assert enc.continuations[0] == whole[len(enc.context):]
+    assert tok.decode(enc.continuations[0]) == " yes"
 
 
-def test_boundary_merge_falls_back_to_simple(tiny_model_dir):
+def test_boundary_merge_scores_as_lm_eval(tiny_model_dir):
     model, tok = load_model(tiny_model_dir("gpt2"), dtype="float32", device="cpu")
     # find a prompt whose last token merges with one choice but not the other
     for prompt, merge in (("Th", "e"), ("wh", "ich"), ("qu", "estion"), ("an", "d")):
@@ -117,10 +121,8 @@ def test_boundary_merge_falls_back_to_simple(tiny_model_dir):
     else:
         pytest.skip("no boundary merge in this tokenizer")
     item = {"prompt": prompt, "choices": [merge + " is a good test", " zzz"], "answer": 1}
-    enc = encode_item(tok, check_item(item))
-    assert not enc.shareable
     res = score(model, tok, [item], mode="shared")[0]
-    assert not res.shared
+    assert res.shared  # lm-eval's context is the prompt alone: always shared
     sums, _, _ = reference(model, tok, item)
     assert max(abs(a - b) for a, b in zip(res.choice_logprobs, sums)) < 1e-4
 
@@ -190,3 +192,22 @@ def test_config_validation():
     with pytest.raises(ValueError, match="max_group_tokens"):
         ScoreConfig(max_group_tokens=0)
     assert math.isclose(ScoreConfig().max_group_tokens, 8192)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pair_tokens_equal_whole_string_encoding(tiny_model_dir, arch):
+    """encode_pairs' shortcut (only the tail after a pre-token boundary is re-encoded) gives the
+    tokens of encoding context + choice whole, lm-eval's rule, on awkward strings too."""
+    from prepack_actor.inputs import _local_bpe, encode_ids, encode_pairs
+    _, tok = load_model(tiny_model_dir(arch), dtype="float32", device="cpu")
+    assert _local_bpe(tok)  # the shortcut is what runs here
+    contexts = [it["prompt"] for it in sample_scoring(40)] + [
+        "Answer: ", "a  b  c ", "x y\n\nz w", "numbers 123 456 and  ", "émigré café naïve déjà", "tab\tsep word",
+        "it's a dog's life", "A (b) c", "one.two three", "end with space  \n", "<|bos|> starts with bos word"]
+    conts = [" A", "A", " it's", "\n\nnext", "  double", " 42", "x", " é", " word more words"]
+    pairs = [(c, k) for c in contexts for k in conts]
+    got = encode_pairs(tok, pairs)
+    for (ctx, cont), (c_ids, k_ids) in zip(pairs, got):
+        s = ctx.rstrip()
+        whole = encode_ids(tok, [s + ctx[len(s):] + cont])[0]
+        assert c_ids == encode_ids(tok, [s])[0] and k_ids == whole[len(c_ids):], (ctx, cont)

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from . import attention, masks
-from .packing import PackedBatch, branch_targets
+from .packing import PackedBatch
 
 
 @contextmanager
@@ -139,16 +139,17 @@ def last_token_logits(model, batch: PackedBatch, varlen: bool | None = None):
 
 
 @torch.inference_mode()
-def branch_logprobs(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob of every branch token given its prompt and branch so far (no cache).
+def target_logprobs(model, batch: PackedBatch, slots: torch.Tensor, targets: torch.Tensor,
+                    varlen: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of token targets[t] at flat slot slots[t] (the slot that predicts it), no cache.
 
-    Returns (log-prob [T] fp32, the token is the argmax [T] bool, its branch [T]) on CPU.
+    The LM head and log_softmax run once per distinct slot (sibling continuations share the
+    context's last slot). Returns (log-prob [T] fp32, the target is the argmax [T] bool) on CPU.
     """
-    slots, tokens, branch = branch_targets(batch)  # [T] each
-    columns, inverse = torch.unique(slots, return_inverse=True)  # [C], [T]: siblings share a slot
-    logits, _ = packed_forward(model, batch, columns, use_cache=False)  # [C, V]
-    logits = logits.float()[inverse.to(logits.device)]  # [T, V]
-    target = tokens.to(logits.device)[:, None]  # [T, 1]
-    logprob = torch.log_softmax(logits, dim=-1).gather(-1, target)[:, 0]  # [T]
-    greedy = logits.argmax(-1) == target[:, 0]  # [T]
-    return logprob.cpu(), greedy.cpu(), branch
+    columns, inverse = torch.unique(slots, return_inverse=True)  # [C], [T]
+    logits, _ = packed_forward(model, batch, columns, use_cache=False, varlen=varlen)  # [C, V]
+    logits = logits.float()
+    inverse, targets = inverse.to(logits.device), targets.to(logits.device)
+    logprob = torch.log_softmax(logits, dim=-1)[inverse, targets]  # [T]
+    greedy = logits.argmax(-1)[inverse] == targets  # [T]
+    return logprob.cpu(), greedy.cpu()

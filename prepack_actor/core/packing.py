@@ -156,22 +156,6 @@ def pack(prompts: list[list[int]], capacity: int | None = None, pad_id: int = 0,
         branch_length=torch.tensor(b_len, dtype=torch.long), num_tokens=sum(sizes))
 
 
-def branch_targets(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every branch token as a target: (flat slot predicting it [T], its token [T], its branch [T]).
-
-    Target t of a branch is predicted at the slot before it: the prompt's last token for
-    t = 0 (so sibling branches share that slot), the branch's own token t-1 after that.
-    """
-    b = torch.repeat_interleave(torch.arange(len(batch.branch_length)), batch.branch_length)  # [T]
-    first = torch.cumsum(batch.branch_length, 0) - batch.branch_length  # [B] first target of each branch
-    t = torch.arange(len(b)) - first[b]  # [T] index within its branch
-    unit = batch.branch_unit[b]
-    row = batch.row[unit]
-    col = batch.branch_offset[b] + t  # [T] column of the target token
-    pred_col = torch.where(t == 0, batch.offset[unit] + batch.length[unit] - 1, col - 1)
-    return row * batch.width + pred_col, batch.input_ids[row, col], b
-
-
 def pad_left(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The padded layout (baselines, the unpacked fallback) -> input_ids [B, Lmax], attention_mask [B, Lmax] (0 on the left pad)."""
     lmax = max(len(p) for p in prompts)

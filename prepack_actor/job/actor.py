@@ -17,6 +17,10 @@ rows to the output's staging folder and returns the staged file instead of the r
 """
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import pyarrow as pa
 import torch
 
@@ -37,6 +41,7 @@ def actor_device(device: str, gpus_per_actor: float) -> str:
 class PrepackActor:
     def __init__(self, config: ProcessorConfig, faults: dict | None = None, stage_to: dict | None = None,
                  carried: pa.Schema | None = None):
+        t0 = time.perf_counter()
         if config.actors.torch_threads:
             torch.set_num_threads(config.actors.torch_threads)
         m = config.model
@@ -50,8 +55,11 @@ class PrepackActor:
         self.stage_to = stage_to  # the job: stage each group's rows here (writer.py) and return the file
         self.carried = carried
         self.groups_done = 0
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.load_s: float | None = time.perf_counter() - t0  # reported with the first staged group
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         tables = []
         for blob in batch.column("rows").to_pylist():
             self.faults.before_group(self.groups_done)
@@ -66,7 +74,10 @@ class PrepackActor:
         table = pa.concat_tables(tables) if tables else self.task.to_table([], self.carried)
         # Staged here, not by a task after the pool: on a busy cluster such a task waits for a CPU
         # behind the tokenize tasks, and no file reaches storage until the input is read.
-        return stage_stage(table, **self.stage_to) if self.stage_to else table
+        if not self.stage_to:
+            return table
+        load_s, self.load_s = self.load_s or 0.0, None
+        return stage_stage(table, **self.stage_to, actor=self.name, load_s=load_s, busy_s=time.perf_counter() - t0)
 
     def run_group(self, rows: list[dict]) -> list[dict]:
         """Run the runnable rows of one group; error rows pass through."""

@@ -214,7 +214,7 @@ NORMS = ("chars", "tokens")
 
 @dataclass
 class ScoringConfig:
-    mode: str = "shared"  # shared (prompt once, choices as tree branches) | simple (pair per segment)
+    mode: str = "shared"  # shared (one unit per distinct prompt, choices read from it) | simple (pair per segment)
     length_norm: str = "chars"  # pred_norm divides by choice chars (lm-eval acc_norm) | tokens
 
     def __post_init__(self):

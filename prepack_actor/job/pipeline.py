@@ -65,6 +65,7 @@ def run(cfg, dry_run: bool = False) -> dict | None:
 
 
 def _run(cfg, processor: Processor, input_path: str, fs, shards, lease) -> dict:
+    t_start = time.perf_counter()
     task = processor.task
     start_ray(cfg.actors)  # joins `ray job submit`'s cluster, else a local Ray; checks the pool fits
 
@@ -113,11 +114,12 @@ def _run(cfg, processor: Processor, input_path: str, fs, shards, lease) -> dict:
     # 5. Write while it runs: each actor stages its group's rows; the driver commits data files of
     #    output.rows_per_file rows / output.file_mb as groups finish (writer.py: exactly once).
     ds = processor.run_parsed(ds, stage_to=dict(path=out.path, storage=cfg.storage), carried=scan.carried)
-    progress = Progress()
+    progress, cost = Progress(), Cost(start_s=t0 - t_start)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         lease.check()  # another job took the path over: stop before committing more
         for f, size in zip(batch.column("file").to_pylist(), batch.column("num_bytes").to_pylist()):
             committer.add(f, size)
+        cost.add(batch)
         progress.update(committer)
     lease.check()
     committer.finish()
@@ -134,13 +136,41 @@ def _run(cfg, processor: Processor, input_path: str, fs, shards, lease) -> dict:
                          rows_new=acc.rows_out - len(state.done_ids), rows_retried=state.released,
                          duplicate_ids=scan.num_repeats, files_written=committer.files_written,
                          first_file_s=committer.first_file_s, engine_path=processor.capability.route,
-                         capability=processor.capability.as_dict(), config=to_dict(cfg))
+                         capability=processor.capability.as_dict(),
+                         **cost.summary(wall_s, acc.totals.get("choice_logprobs")), config=to_dict(cfg))
     print(format_table(summary, task.headline))
     if summary["rows_out"] != rows_in:  # no _summary.json: the output is not a finished job
         raise JobError(f"rows out ({summary['rows_out']}) != rows in ({rows_in})")
     lease.check()
     write_json(summary, f"{cfg.output.path.rstrip('/')}/{SUMMARY_NAME}", cfg.storage)  # last, atomic
     return summary
+
+
+class Cost:
+    """The job's fixed cost apart from its throughput, from the actors' account of each group.
+
+    start_s: Ray start, input scan and output checks before the stage runs (driver);
+    load_s: the slowest actor's model load; busy_s: actor time in groups (all actors);
+    fixed_s: start_s + wall_s less busy_s per actor, i.e. what a longer run does not repeat;
+    steady_pairs_per_s (scoring): (prompt, choice) pairs / busy_s per actor.
+    """
+
+    def __init__(self, start_s: float):
+        self.start_s, self.load_s, self.busy_s, self.actors = start_s, 0.0, 0.0, set()
+
+    def add(self, batch) -> None:
+        self.actors.update(a for a in batch.column("actor").to_pylist() if a)
+        self.load_s = max([self.load_s, *batch.column("load_s").to_pylist()])
+        self.busy_s += sum(batch.column("busy_s").to_pylist())
+
+    def summary(self, wall_s: float, pairs: float | None = None) -> dict:
+        actors = max(1, len(self.actors))
+        per_actor = self.busy_s / actors
+        out = {"start_s": round(self.start_s, 3), "load_s": round(self.load_s, 3), "busy_s": round(self.busy_s, 3),
+               "actors": len(self.actors), "fixed_s": round(max(0.0, self.start_s + wall_s - per_actor), 3)}
+        if pairs is not None:
+            out.update(pairs=int(pairs), steady_pairs_per_s=round(pairs / per_actor, 2) if per_actor > 0 else None)
+        return out
 
 
 class Progress:

@@ -1,4 +1,12 @@
-"""The scoring task: {prompt, choices, answer?} in, log-likelihoods and decisions out (no Ray)."""
+"""The scoring task: {prompt, choices, answer?} items or lm-eval-style requests in, log-likelihoods out (no Ray).
+
+Two row formats, side by side in one input:
+- item: {id, prompt, choices: [str, ...], answer?: int} -> per choice log-likelihood, is_greedy,
+  then pred / pred_norm / correct;
+- request (lm-eval's `loglikelihood` request): {id, request_type: "loglikelihood", prompt (the
+  context), continuation} -> `loglikelihood` and `is_greedy` (also as one-choice lists).
+A row that is neither (or an unknown request_type) is an error row, never dropped.
+"""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -16,16 +24,18 @@ class ScoreTask(Task):
     name = "score"
     output_schema = pa.schema([
         ("id", pa.string()), ("prompt", pa.string()), ("choices", pa.list_(pa.string())),
-        ("answer", pa.int64()), ("choice_logprobs", pa.list_(pa.float64())),
+        ("answer", pa.int64()), ("loglikelihood", pa.float64()), ("is_greedy", pa.bool_()),  # request rows
+        ("choice_logprobs", pa.list_(pa.float64())),
         ("choice_num_tokens", pa.list_(pa.int64())), ("choice_is_greedy", pa.list_(pa.bool_())),
         ("pred", pa.int64()), ("pred_norm", pa.int64()), ("correct", pa.bool_()), ("correct_norm", pa.bool_()),
         ("num_input_tokens", pa.int64()), ("shared", pa.bool_()), ("prefill_s", pa.float64()),
         ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()), ("engine_path", pa.string()),
         ("error", pa.string()), ("error_kind", pa.string())])
-    summary_columns = ("correct", "correct_norm", "prefill_s")
+    summary_columns = ("correct", "correct_norm", "prefill_s", "choice_logprobs")  # the last: pairs
     headline = ("model", "engine_path", "output", "rows_in", "rows_out", "rows_reused", "rows_new", "rows_ok", "rows_error", "errors_by_kind",
                 "judged", "accuracy", "accuracy_norm", "tokens_in", "wall_s", "tokens_per_s",
-                "prefill_tokens_per_s", "mean_pack_efficiency", "files_written", "first_file_s")
+                "prefill_tokens_per_s", "mean_pack_efficiency", "files_written", "first_file_s",
+                "pairs", "start_s", "load_s", "busy_s", "actors", "fixed_s", "steady_pairs_per_s")
     job_keys = ("model", "input", "scoring")
     sample = "sample_scoring.jsonl"
 
@@ -33,14 +43,11 @@ class ScoreTask(Task):
         self.scoring, self.pack_capacity = scoring, pack_capacity  # a pair wider than a row is an error row
 
     def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
-        """Validate choices/answer and tokenize with lm-eval's rule (inputs.encode_item)."""
+        """Validate an item or a request and tokenize with lm-eval's rule (inputs.encode_items)."""
         if row["prompt"] is None:
             raise BadInput("bad_prompt", "scoring needs a 'prompt' string (chat 'messages' are not scored)")
-        carry = carried(row)
-        raw = {"prompt": row["prompt"], "choices": carry.get("choices"), "answer": carry.get("answer")}
-        item, enc = prepare(tokenizer, raw, max_context, self.pack_capacity)
-        return {"num_input_tokens": sum(u.num_tokens for u in enc.units(self.scoring.mode == "shared")),
-                "payload": (item, enc)}
+        item, enc = prepare(tokenizer, as_item(row), max_context, self.pack_capacity)
+        return {"num_input_tokens": enc.num_tokens(self.scoring.mode == "shared"), "payload": (item, enc)}
 
     def runner(self, model, tokenizer, packing: PackingConfig) -> Scorer:
         return Scorer(model, tokenizer, ScoreConfig(
@@ -61,9 +68,12 @@ class ScoreTask(Task):
         r = result if kind is None else None
         ok_choices = isinstance(choices, list) and all(isinstance(c, str) for c in choices)
         ok_answer = isinstance(answer, int) and not isinstance(answer, bool) and -2 ** 63 <= answer < 2 ** 63
+        request = "request_type" in out or "continuation" in out
         out.update(
             id=row["id"], prompt=row.get("prompt"), choices=choices if ok_choices else None,
             answer=answer if ok_answer else None,
+            loglikelihood=r.choice_logprobs[0] if r and request else None,
+            is_greedy=r.choice_is_greedy[0] if r and request else None,
             choice_logprobs=r.choice_logprobs if r else None, choice_num_tokens=r.choice_num_tokens if r else None,
             choice_is_greedy=r.choice_is_greedy if r else None, pred=r.pred if r else None,
             pred_norm=r.pred_norm if r else None, correct=r.correct if r else None,
@@ -81,3 +91,20 @@ class ScoreTask(Task):
                 "prefill_s": round(prefill_s, 4),
                 "tokens_per_s": round(tokens_in / wall_s, 2) if wall_s > 0 else None,
                 "prefill_tokens_per_s": round(tokens_in / prefill_s, 2) if prefill_s > 0 else None}
+
+
+def as_item(row: dict) -> dict:
+    """A parsed row as an item: request rows become one-choice items with no answer."""
+    carry = carried(row)
+    if "request_type" not in carry and "continuation" not in carry:
+        return {"prompt": row["prompt"], "choices": carry.get("choices"), "answer": carry.get("answer")}
+    if "choices" in carry:
+        raise BadInput("bad_request", "a row has 'choices' (an item) or 'request_type'/'continuation' (a request), "
+                                      "not both")
+    kind = carry.get("request_type", "loglikelihood")
+    if kind != "loglikelihood":
+        raise BadInput("bad_request", f"request_type {kind!r} is not scored here (only 'loglikelihood')")
+    cont = carry.get("continuation")
+    if not isinstance(cont, str) or not cont:
+        raise BadInput("bad_request", f"'continuation' must be a non-empty string, got {cont!r}")
+    return {"prompt": row["prompt"], "choices": [cont]}

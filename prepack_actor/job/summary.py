@@ -22,7 +22,8 @@ class SummaryAccumulator:
         self.errors: Counter[str] = Counter()
         self.tokens_in = 0
         self.eff_sum, self.eff_n = 0.0, 0
-        self.totals: dict[str, float] = {c: 0 for c in task_columns}  # sum over rows without error (True = 1)
+        # sum over rows without error (True = 1; a list adds its length)
+        self.totals: dict[str, float] = {c: 0 for c in task_columns}
         self.counts: dict[str, int] = {c: 0 for c in task_columns}  # non-null values among them
 
     def columns(self) -> list[str]:
@@ -40,7 +41,7 @@ class SummaryAccumulator:
         self.eff_n += sum(1 for e in effs if e is not None)
         for c in self.task_columns:
             values = [batch[c][i] for i in ok if batch[c][i] is not None]
-            self.totals[c] += sum(float(v) for v in values)
+            self.totals[c] += sum(len(v) if isinstance(v, (list, tuple)) else float(v) for v in values)
             self.counts[c] += len(values)
 
     def finish(self, task, rows_in: int | None, wall_s: float, **extra) -> dict:

@@ -25,7 +25,9 @@ from .config import StorageConfig
 from .storage import filesystem, output_files, read_table, write_table_atomic
 
 STAGING = "_staging"
-STAGED_SCHEMA = pa.schema([("file", pa.string()), ("num_rows", pa.int64()), ("num_bytes", pa.int64())])
+STAGED_SCHEMA = pa.schema([("file", pa.string()), ("num_rows", pa.int64()), ("num_bytes", pa.int64()),
+                           # the actor's account for the summary (fixed cost vs throughput)
+                           ("actor", pa.string()), ("load_s", pa.float64()), ("busy_s", pa.float64())])
 
 
 def part_name(ids: list[str], fmt: str) -> str:
@@ -35,8 +37,10 @@ def part_name(ids: list[str], fmt: str) -> str:
     return f"part-{digest}.{fmt}"
 
 
-def stage_stage(batch: pa.Table, path: str, storage: StorageConfig | None) -> pa.Table:
+def stage_stage(batch: pa.Table, path: str, storage: StorageConfig | None, actor: str = "", load_s: float = 0.0,
+                busy_s: float = 0.0) -> pa.Table:
     """Ray Data stage (batch_size=None: one block = one group's rows): stage it as one file.
+    actor / load_s (its model load, on its first group only) / busy_s (this call) go to the summary.
 
     Staging is Parquet whatever output.format is: the table comes back exactly as written."""
     if batch.num_rows == 0:
@@ -44,7 +48,8 @@ def stage_stage(batch: pa.Table, path: str, storage: StorageConfig | None) -> pa
     ids = [str(i) for i in batch.column("id").to_pylist()]
     name = f"{path.rstrip('/')}/{STAGING}/{part_name(ids, 'parquet')}"
     size = write_table_atomic(batch, name, "parquet", storage)
-    return pa.table({"file": [name], "num_rows": [batch.num_rows], "num_bytes": [size]}, schema=STAGED_SCHEMA)
+    return pa.table({"file": [name], "num_rows": [batch.num_rows], "num_bytes": [size], "actor": [actor],
+                     "load_s": [load_s], "busy_s": [busy_s]}, schema=STAGED_SCHEMA)
 
 
 class Committer:
