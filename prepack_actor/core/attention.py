@@ -68,11 +68,19 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                      max_length_q: int | None = None, max_length_k: int | None = None,
                      position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query [B, H, Tq, D], key/value [B, Hkv, Tk, D] -> (out [B, Tq, H, D], None)."""
+    """query [B, H, Tq, D], key/value [B, Hkv, Tk, D] -> (out [B, Tq, H, D], None).
+
+    block_decode (a BlockCache, passed through model(...)): a decode step over paged blocks
+    (block_attention.attend); key/value are then only the step's new token, already stored."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{NAME}: attention soft-capping / sinks are not implemented; use sdpa or eager")
     if dropout and module.training:
         raise NotImplementedError(f"{NAME}: inference only (dropout > 0 in training mode)")
+    block_decode = kwargs.pop("block_decode", None)
+    if block_decode is not None:
+        from . import block_attention
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return block_attention.attend(module, query, block_decode, scale, sliding_window), None
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     b, h, tq, d = query.shape
     tk = key.shape[2]

@@ -84,3 +84,20 @@ def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
             out[p].append(t)
             if step.logprobs is not None and lps[p] is not None:
                 lps[p].append(step.logprobs[b])
+
+
+@torch.inference_mode()
+def block_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode step of the running batch over a BlockCache: tokens, positions [B] -> logits [B, V] fp32.
+
+    No attention mask: the cache says which keys each row reads (block_attention)."""
+    cache.prepare()
+    logits = model(
+        input_ids=tokens[:, None],  # [B, 1]
+        position_ids=positions[:, None],  # [B, 1]
+        past_key_values=cache,
+        use_cache=True,
+        block_decode=cache,
+    ).logits[:, -1].float()  # [B, V]
+    cache.advance()
+    return logits
