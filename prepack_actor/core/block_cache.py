@@ -1,17 +1,19 @@
 """A paged K/V cache of fixed-size blocks: each sequence holds only its real tokens.
 
     cache = BlockCache(model.config.num_hidden_layers, block_size=8)
-    cache.add(packed_cache, packed, index)   # straight from the packed prefill, no left pad
-    cache.prepare()                          # per step: a slot for each new token, the read plan
+    cache.add(packed_cache, packed, reserve, index)  # straight from the packed prefill, no left pad
+    cache.prepare()                          # per step: a slot for each new token
     model(input_ids=last[:, None], position_ids=pos[:, None], past_key_values=cache,
           block_decode=cache)                # prepack_varlen reads the blocks (block_attention)
     cache.advance(); cache.select(keep)      # finished sequences free their blocks: no copy
 
 Layout per layer: keys and values in a pool [num_blocks, block_size, Hkv, D] (the paged
-layout of torch's `varlen_attn(block_table=...)`); a sequence owns a list of blocks (its
-block table) and a length. The running batch is a list of sequences; leaving or joining it
-moves block ids, never keys. A sequence sampled n times gets its own copy of its prompt's
-blocks (the last block is written by every copy, so sharing would need copy-on-write).
+layout of torch's `varlen_attn(block_table=...)`). A sequence owns a run of consecutive
+blocks reserved when it joins, for its prompt and its max_new_tokens, so its keys are one
+contiguous slot range: the CPU kernel attends over views, with no gather (docs/decode.md:
+gathering scattered blocks cost more than the attention itself). Leaving or joining the
+batch moves block ids, never keys; freed runs merge with their free neighbours. A sequence
+sampled n times gets its own copy of its prompt's blocks.
 
 The model sees an empty cache (get_seq_length() == 0, mask sizes 1 x 1), so transformers
 builds no mask; lengths, windows and positions live here and in the position ids.
@@ -62,18 +64,18 @@ class BlockLayer(CacheLayerMixin):
 
 
 class BlockCache(Cache):
-    """The running batch's blocks: tables[b] and lengths[b] for batch row b (tokens in cache)."""
+    """The running batch's blocks: runs[b] and lengths[b] for batch row b."""
 
     def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE):
         self.block_size = block_size
         super().__init__(layers=[BlockLayer(self) for _ in range(num_layers)])
-        self.tables: list[list[int]] = []
-        self.lengths: list[int] = []
-        self.free: list[int] = []
+        self.runs: list[tuple[int, int]] = []  # per batch row: (first block, blocks) of its reserve
+        self.lengths: list[int] = []  # per batch row: tokens in cache
+        self.free: list[tuple[int, int]] = []  # free runs (first block, blocks), sorted
         self.num_blocks = 0
         self.write_slots: torch.Tensor | None = None  # [B] slot of each row's new token this step
-        self.plans: dict = {}  # window -> read plan of this step (block_attention.plan)
-        self.kernel = "bucket"  # CPU read kernel (block_attention.CPU)
+        self.plans: dict = {}  # window -> read plan of this step (block_attention)
+        self.kernel = "loop"  # CPU kernel (block_attention.CPU)
         self.keys_read = self.keys_real = 0  # keys attended per layer call: read (padding included) / real
 
     def __len__(self) -> int:
@@ -83,26 +85,39 @@ class BlockCache(Cache):
     def batch_size(self) -> int:
         return len(self.lengths)
 
-    def _alloc(self, n: int) -> list[int]:
-        """n free block ids; the pools grow (doubling, one copy) when there are too few."""
-        if len(self.free) < n:
-            grow = max(n - len(self.free), self.num_blocks)
-            for layer in self.layers:
-                layer.keys, layer.values = (torch.cat([t, t.new_empty(grow, *t.shape[1:])]) for t in
-                                            (layer.keys, layer.values))
-            self.free.extend(range(self.num_blocks + grow - 1, self.num_blocks - 1, -1))
-            self.num_blocks += grow
-        taken = self.free[-n:] if n else []
-        del self.free[len(self.free) - n:]
-        return taken[::-1]
+    def _alloc(self, n: int) -> int:
+        """First block of a free run of n blocks (first fit); the pools grow (doubling, one copy) if none fits."""
+        for i, (first, count) in enumerate(self.free):
+            if count >= n:
+                self.free[i:i + 1] = [(first + n, count - n)] if count > n else []
+                return first
+        grow = max(n, self.num_blocks)
+        for layer in self.layers:
+            layer.keys, layer.values = (torch.cat([t, t.new_empty(grow, *t.shape[1:])]) for t in (layer.keys, layer.values))
+        self._release(self.num_blocks, grow)
+        self.num_blocks += grow
+        return self._alloc(n)
+
+    def _release(self, first: int, count: int) -> None:
+        """Return blocks [first, first + count) to the free runs, merged with adjacent ones."""
+        runs = sorted(self.free + [(first, count)])
+        merged = [runs[0]]
+        for f, c in runs[1:]:
+            if merged[-1][0] + merged[-1][1] == f:
+                merged[-1] = (merged[-1][0], merged[-1][1] + c)
+            else:
+                merged.append((f, c))
+        self.free = merged
 
     @torch.inference_mode()
-    def add(self, cache, packed: PackedBatch, index: torch.Tensor | None = None) -> None:
+    def add(self, cache, packed: PackedBatch, reserve: list[int], index: torch.Tensor | None = None) -> None:
         """Append one sequence per prompt of a packed prefill (or per entry of `index` [S], the
-        prompt of each sequence) to the batch. cache: the prefill's cache, [R, Hkv, W, D] per layer."""
+        prompt of each sequence) to the batch, each with room for reserve[s] tokens in all.
+        cache: the prefill's cache, [R, Hkv, W, D] per layer (freed layer by layer as copied)."""
         length, row, offset = packed.length, packed.row, packed.offset  # [P]
         if index is not None:
             length, row, offset = length[index], row[index], offset[index]  # [S]
+        assert len(reserve) == len(length) and all(r >= n for r, n in zip(reserve, length.tolist()))
         bs = self.block_size
         first = cache.layers[0].keys
         if not self.num_blocks:  # pools created at the first add: dtype, heads and head dim known
@@ -110,51 +125,51 @@ class BlockCache(Cache):
                 shape = (0, bs, src.keys.shape[1], src.keys.shape[3])
                 layer.keys, layer.values = first.new_empty(shape), first.new_empty(shape[:3] + (src.values.shape[3],))
                 layer.dtype, layer.device, layer.is_initialized = first.dtype, first.device, True
-        tables = [self._alloc(-(-n // bs)) for n in length.tolist()]
-        # Source slots in the packed [R * W] stream and destination slots in the pools, token by token.
-        tok = torch.arange(int(length.sum()))
+        runs = [(self._alloc(-(-r // bs)), -(-r // bs)) for r in reserve]
+        # Source slots in the packed [R * W] rows and destination slots in the pools, token by token.
         seq = torch.repeat_interleave(torch.arange(len(length)), length)  # [N] sequence of each token
-        pos = tok - (torch.cumsum(length, 0) - length)[seq]  # [N] position in its sequence
+        pos = torch.arange(len(seq)) - (torch.cumsum(length, 0) - length)[seq]  # [N] position in its sequence
         src = row[seq] * packed.width + offset[seq] + pos
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # [S, blocks]
-        dst = table[seq, pos // bs] * bs + pos % bs
+        dst = torch.tensor([f * bs for f, _ in runs], dtype=torch.long)[seq] + pos
         src, dst = src.to(first.device), dst.to(first.device)
         for layer, packed_layer in zip(self.layers, cache.layers):
             for pool, t in zip(layer.flat(), (packed_layer.keys, packed_layer.values)):
                 r, h, w, d = t.shape
                 pool.index_copy_(0, dst, t.transpose(1, 2).reshape(r * w, h, d).index_select(0, src))
-            packed_layer.keys = packed_layer.values = None  # free the packed layer as it is copied
-        self.tables.extend(tables)
+            packed_layer.keys = packed_layer.values = None
+        self.runs.extend(runs)
         self.lengths.extend(length.tolist())
 
     def select(self, keep: list[int]) -> None:
-        """Keep batch rows `keep` (in that order); the others' blocks go back to the free list."""
+        """Keep batch rows `keep` (in that order); the others' blocks go back to the free runs."""
         kept = set(keep)
-        for b, t in enumerate(self.tables):
+        for b, run in enumerate(self.runs):
             if b not in kept:
-                self.free.extend(t)
-        self.tables = [self.tables[b] for b in keep]
+                self._release(*run)
+        self.runs = [self.runs[b] for b in keep]
         self.lengths = [self.lengths[b] for b in keep]
 
     def prepare(self) -> None:
-        """Before a decode step: a slot for each row's new token (a new block every block_size
-        tokens), and the read plans reset (built per window on first use, shared by all layers)."""
+        """Before a decode step: the slot of each row's new token; read plans reset."""
         bs = self.block_size
-        slots = []
-        for t, n in zip(self.tables, self.lengths):
-            if n // bs == len(t):
-                t.extend(self._alloc(1))
-            slots.append(t[n // bs] * bs + n % bs)
-        self.write_slots = torch.tensor(slots, device=self.layers[0].keys.device)
+        assert all(n < c * bs for n, (_, c) in zip(self.lengths, self.runs)), "a sequence outgrew its reserve"
+        self.write_slots = torch.tensor([f * bs + n for n, (f, _) in zip(self.lengths, self.runs)],
+                                        device=self.layers[0].keys.device)
         self.plans = {}
 
     def advance(self) -> None:
         """After a decode step: every row holds one more token."""
         self.lengths = [n + 1 for n in self.lengths]
 
+    def ranges(self, window: int | None) -> list[tuple[int, int]]:
+        """This step's keys of each row as a slot range [start, end), the new token included;
+        a window keeps the last `window` of them."""
+        bs = self.block_size
+        ends = [f * bs + n + 1 for n, (f, _) in zip(self.lengths, self.runs)]
+        return [(max(e - window, f * bs) if window else f * bs, e) for e, (f, _) in zip(ends, self.runs)]
+
     def table_tensor(self) -> torch.Tensor:
         """[B, max blocks] int32 block ids (0-padded), on the pools' device."""
-        width = max(len(t) for t in self.tables)
-        return torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.int32,
+        width = max(c for _, c in self.runs)
+        return torch.tensor([list(range(f, f + c)) + [0] * (width - c) for f, c in self.runs], dtype=torch.int32,
                             device=self.layers[0].keys.device)
