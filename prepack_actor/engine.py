@@ -145,13 +145,19 @@ class Engine(ModelRunner):
         return out
 
     @torch.inference_mode()
-    @on_kernels
     def generate(self, prompts: Sequence[Prompt],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
         """One result per prompt, in input order. Prompts are str or lists of token ids."""
         start = self.now()
         params = _per_prompt(sampling, len(prompts))
-        ids = self.encode(prompts, reserve=[p.max_new_tokens for p in params])
+        return self.generate_ids(self.encode(prompts, reserve=[p.max_new_tokens for p in params]), params, start)
+
+    @torch.inference_mode()
+    @on_kernels
+    def generate_ids(self, ids: list[list[int]], params: list[SamplingParams],
+                     start: float | None = None) -> list[GenerationResult]:
+        """generate() for encoded prompts (the job's actor call); start: the hand-over time."""
+        start = self.now() if start is None else start
         if not self.block_decode:
             return self.generate_groups(ids, params, start)
         c = self.config
