@@ -116,6 +116,7 @@ class Engine(ModelRunner):
         # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
         self.varlen = self.config.varlen and enable_varlen(model)
         self.block_decode = self.config.block_decode and self.varlen
+        self.keys_read = self.keys_real = 0  # keys attended per decode step, summed: read (padding too) / real
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
@@ -158,6 +159,7 @@ class Engine(ModelRunner):
                      start: float | None = None) -> list[GenerationResult]:
         """generate() for encoded prompts (the job's actor call); start: the hand-over time."""
         start = self.now() if start is None else start
+        self.keys_read = self.keys_real = 0
         if not self.block_decode:
             return self.generate_groups(ids, params, start)
         c = self.config
@@ -272,8 +274,10 @@ class Engine(ModelRunner):
         first = sampler(logits if index is None else logits[index.to(logits.device)])
         t_first = self.now()
         lengths = packed.length if index is None else packed.length[index]
+        keys = [0, 0]
         decoded = decode(self.model, cache, attention_mask, lengths, first, sampler, seqs,
-                         lambda s, tokens: self.stops.check(tokens, seqs[s]), self.sync)
+                         lambda s, tokens: self.stops.check(tokens, seqs[s]), self.sync, keys)
+        self.keys_read, self.keys_real = self.keys_read + keys[0], self.keys_real + keys[1]
         overhead = (t_packed - t0) + (t_first - t_prefilled)
         by_prompt: list[list[Completion]] = [[] for _ in ids]
         finished = [t_first] * len(ids)

@@ -53,6 +53,8 @@ def plan(cache: BlockCache, window: int | None, kernel: str) -> Plan:
     if kernel == "bucket":
         p.buckets, p.read = _buckets(ranges, count, cache.layers[0].keys.device)
     cache.plans[window] = p
+    cache.keys_read += p.read
+    cache.keys_real += p.real
     return p
 
 
@@ -83,8 +85,6 @@ def attend(module, query: torch.Tensor, cache: BlockCache, scale: float, window:
     if query.is_cuda:
         return _cuda(query, layer, cache, scale, window)
     p = plan(cache, window, cache.kernel)
-    cache.keys_read += p.read
-    cache.keys_real += p.real
     k, v = layer.flat()  # [slots, Hkv, D]
     return CPU[cache.kernel](query, k, v, p, scale)
 

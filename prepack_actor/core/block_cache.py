@@ -76,7 +76,7 @@ class BlockCache(Cache):
         self.write_slots: torch.Tensor | None = None  # [B] slot of each row's new token this step
         self.plans: dict = {}  # window -> read plan of this step (block_attention)
         self.kernel = "loop"  # CPU kernel (block_attention.CPU)
-        self.keys_read = self.keys_real = 0  # keys attended per layer call: read (padding included) / real
+        self.keys_read = self.keys_real = 0  # keys attended, summed over steps (and windows): read (padding too) / real
 
     def __len__(self) -> int:
         return len(self.layers)
