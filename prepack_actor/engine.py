@@ -41,7 +41,7 @@ class EngineConfig(GroupConfig):
     # Decode from a block cache of real keys only, prompts admitted as others finish
     # (needs varlen); False = static groups from a left-padded cache (the reference).
     block_decode: bool = True
-    max_num_seqs: int = 64  # sequences decoding at once (block decode), >= 1 (docs/decode.md)
+    max_num_seqs: int = 128  # sequences decoding at once (block decode), >= 1 (docs/decode.md)
     block_size: int = BLOCK_SIZE  # tokens per cache block, >= 1
 
     def __post_init__(self):

@@ -154,7 +154,7 @@ class PackingConfig:
     pack_capacity: Optional[int] = None  # packed row width in tokens, >= 1; null = longest prompt of the group (paper)
     max_group_tokens: int = 4096  # prompt tokens per group (one forward pass, one actor call), >= 1
     max_group_prompts: int = 64  # prompts (generate) or items (score) per group, >= 1
-    max_num_seqs: int = 64  # generate: sequences decoding at once within an actor call, >= 1; a group
+    max_num_seqs: int = 128  # generate: sequences decoding at once within an actor call, >= 1; a group
     #                         larger than this admits its waiting prompts as others finish (docs/decode.md)
     window: int = 1024  # rows sorted by length together before grouping (bounds memory), >= 1
     global_sort: bool = False  # true: sort the whole dataset by length first (a global shuffle)
