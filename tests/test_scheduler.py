@@ -52,6 +52,10 @@ def test_seeded_sampling_unchanged_by_who_shares_the_batch(tiny_model_dir):
     prompts = random_prompts(model.config.vocab_size, LENGTHS, 2)
     params = [SamplingParams(max_new_tokens=m, temperature=0.9, top_p=0.95, seed=s, n=1 + s % 3)
               for s, m in enumerate(MAX_NEW)]
+    # penalties, min_tokens and logprobs on some rows only: joining batches merge that state
+    params[3] = SamplingParams(max_new_tokens=33, temperature=0.7, seed=3, repetition_penalty=1.3, logprobs=1)
+    params[5] = SamplingParams(max_new_tokens=50, temperature=1.1, seed=5, frequency_penalty=0.5, presence_penalty=0.3)
+    params[7] = SamplingParams(max_new_tokens=64, temperature=0.8, seed=7, min_tokens=10, stop_token_ids=[4, 5, 6])
     runs = [run_all(model, tok, prompts, params, **cfg)[1] for cfg in
             ({"max_num_seqs": 64}, {"max_num_seqs": 2}, {"max_num_seqs": 5, "sort_by_length": False},
              {"block_decode": False})]
