@@ -18,8 +18,8 @@ import torch
 
 from .core import kv_cache
 from .core.block_cache import BLOCK_SIZE, BlockCache
-from .core.decode import Decoded, block_step, decode
-from .core.finish import EOS, LENGTH, RUNNING, STOP_ID, Finisher
+from .core.decode import block_step, decode
+from .core.finish import Finisher
 from .core.forward import enable_varlen, last_token_logits
 from .core.grouping import GroupConfig
 from .core.packing import pack
@@ -201,7 +201,7 @@ class Engine(ModelRunner):
         adm.pack_prompts, adm.pack_rows, adm.pack_efficiency = len(ids), packed.num_rows, packed.efficiency
         for p in admitted:
             run.admission[p] = adm
-        self.retire(run, first, codes, rows=range(run.batch.size - len(new), run.batch.size))
+        run.retire(first, codes, range(run.batch.size - len(new), run.batch.size), self.stops, self.now())
 
     def step(self, run: Run) -> None:
         """One decode step for every running sequence; the finished ones leave."""
@@ -211,29 +211,7 @@ class Engine(ModelRunner):
         logits = block_step(self.model, b.cache, b.last, b.positions)
         step = b.sampler(logits)
         b.last, b.positions = step.tokens, b.positions + 1
-        self.retire(run, step, b.finisher.check(step.tokens), rows=range(b.size))
-
-    def retire(self, run: Run, step, codes: torch.Tensor, rows: range) -> None:
-        """Record `step`'s token for batch rows `rows`, then let the finished sequences leave (one sync)."""
-        tokens, codes = torch.stack([step.tokens, codes]).tolist()  # the step's one sync
-        now = self.now()
-        keep = list(range(rows.start))
-        for j, b in enumerate(rows):
-            seq = run.batch.seqs[b]
-            seq.tokens.append(tokens[j])
-            if seq.logprobs is not None:
-                seq.logprobs.append(step.logprobs[j])
-            code, stop_at, reason = codes[j], None, tokens[j] if codes[j] == STOP_ID else None
-            if seq.params.stop and code in (RUNNING, LENGTH):
-                stopped, stop_at, reason = self.stops.check(seq.tokens, seq.params)
-                code = EOS if stopped else code
-            if code == RUNNING:
-                keep.append(b)
-                continue
-            reason_ = "length" if code == LENGTH else "stop"
-            run.done.setdefault(seq.prompt, []).append(
-                (seq.index, Decoded(seq.tokens, reason_, stop_at, reason, now, seq.logprobs)))
-        run.batch.keep(keep)
+        run.retire(step, b.finisher.check(step.tokens), range(b.size), self.stops, self.now())
 
     def result(self, ids: list[int], adm: Admission, done: list, start: float) -> GenerationResult:
         outputs = [self.completion(i, d) for i, d in sorted(done, key=lambda x: x[0])]

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .core.block_cache import BlockCache
-from .core.finish import Finisher
-from .core.sampling import Logprob, Sampler, SamplingParams
+from .core.decode import Decoded
+from .core.finish import EOS, LENGTH, RUNNING, STOP_ID, Finisher
+from .core.sampling import Logprob, Sampler, SamplingParams, Step
 
 ADMIT_FRACTION = 4  # admit when at least max_num_seqs // ADMIT_FRACTION slots are free
 
@@ -130,3 +131,25 @@ class Run:
     @property
     def finished(self) -> bool:
         return not self.scheduler.waiting and not self.batch.seqs
+
+    def retire(self, step: Step, codes: torch.Tensor, rows: range, stops, now: float) -> None:
+        """Record `step`'s token for batch rows `rows` (codes [len(rows)]: core/finish.py), then
+        the finished sequences leave. stops: the engine's StopChecker, for stop strings only."""
+        tokens, codes = torch.stack([step.tokens, codes]).tolist()  # the step's one sync
+        keep = list(range(rows.start))
+        for j, b in enumerate(rows):
+            seq = self.batch.seqs[b]
+            seq.tokens.append(tokens[j])
+            if seq.logprobs is not None:
+                seq.logprobs.append(step.logprobs[j])
+            code, stop_at, reason = codes[j], None, tokens[j] if codes[j] == STOP_ID else None
+            if seq.params.stop and code in (RUNNING, LENGTH):  # text only for rows with stop strings
+                stopped, stop_at, reason = stops.check(seq.tokens, seq.params)
+                code = EOS if stopped else code
+            if code == RUNNING:
+                keep.append(b)
+                continue
+            finish = "length" if code == LENGTH else "stop"
+            self.done.setdefault(seq.prompt, []).append(
+                (seq.index, Decoded(seq.tokens, finish, stop_at, reason, now, seq.logprobs)))
+        self.batch.keep(keep)
