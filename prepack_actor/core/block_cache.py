@@ -86,17 +86,20 @@ class BlockCache(Cache):
         return len(self.lengths)
 
     def _alloc(self, n: int) -> int:
-        """First block of a free run of n blocks (first fit); the pools grow (doubling, one copy) if none fits."""
+        """First block of a free run of n blocks (first fit); the pools grow if none fits."""
         for i, (first, count) in enumerate(self.free):
             if count >= n:
                 self.free[i:i + 1] = [(first + n, count - n)] if count > n else []
                 return first
-        grow = max(n, self.num_blocks)
-        for layer in self.layers:
-            layer.keys, layer.values = (torch.cat([t, t.new_empty(grow, *t.shape[1:])]) for t in (layer.keys, layer.values))
-        self._release(self.num_blocks, grow)
-        self.num_blocks += grow
+        self._grow(max(n, self.num_blocks))
         return self._alloc(n)
+
+    def _grow(self, n: int) -> None:
+        """n more blocks in every pool (one copy of the pools; callers at least double them)."""
+        for layer in self.layers:
+            layer.keys, layer.values = (torch.cat([t, t.new_empty(n, *t.shape[1:])]) for t in (layer.keys, layer.values))
+        self._release(self.num_blocks, n)
+        self.num_blocks += n
 
     def _release(self, first: int, count: int) -> None:
         """Return blocks [first, first + count) to the free runs, merged with adjacent ones."""
@@ -125,7 +128,11 @@ class BlockCache(Cache):
                 shape = (0, bs, src.keys.shape[1], src.keys.shape[3])
                 layer.keys, layer.values = first.new_empty(shape), first.new_empty(shape[:3] + (src.values.shape[3],))
                 layer.dtype, layer.device, layer.is_initialized = first.dtype, first.device, True
-        runs = [(self._alloc(-(-r // bs)), -(-r // bs)) for r in reserve]
+        blocks = [-(-r // bs) for r in reserve]
+        short = sum(blocks) - sum(c for _, c in self.free)
+        if short > 0:  # one growth for the whole admission, not one per sequence
+            self._grow(max(short, self.num_blocks))
+        runs = [(self._alloc(n), n) for n in blocks]
         # Source slots in the packed [R * W] rows and destination slots in the pools, token by token.
         seq = torch.repeat_interleave(torch.arange(len(length)), length)  # [N] sequence of each token
         pos = torch.arange(len(seq)) - (torch.cumsum(length, 0) - length)[seq]  # [N] position in its sequence
