@@ -66,3 +66,14 @@ def test_kernels_equal_attention_over_each_rows_keys(kernel, window):
         torch.testing.assert_close(out[b], ref[0].transpose(0, 1), atol=1e-5, rtol=0)
     assert c.keys_real == sum(min(n + 1, window or n + 1) for n in lengths)
     assert c.keys_read <= block_attention.TOLERANCE * c.keys_real
+
+
+def test_a_step_whose_attention_never_read_the_blocks_is_refused():
+    batch, cache, _ = packed_cache([5, 3])
+    c = BlockCache(2, block_size=4)
+    c.add(cache, batch, reserve=[8, 8])
+    c.prepare()
+    for layer in c.layers:  # what a model that drops the block_decode kwarg does: writes, never reads
+        layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    with pytest.raises(RuntimeError, match="block_decode"):
+        c.advance()

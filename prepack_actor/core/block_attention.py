@@ -82,6 +82,7 @@ def _buckets(ranges, count, device) -> tuple[list[Bucket], int]:
 def attend(module, query: torch.Tensor, cache: BlockCache, scale: float, window: int | None) -> torch.Tensor:
     """query [B, H, 1, D] -> out [B, 1, H, D] over the keys of each row in `cache` (layer module.layer_idx)."""
     layer = cache.layers[module.layer_idx]
+    cache.reads += 1
     if query.is_cuda:
         return _cuda(query, layer, cache, scale, window)
     p = plan(cache, window, cache.kernel)

@@ -49,6 +49,7 @@ class BlockLayer(CacheLayerMixin):
         assert key_states.shape[-2] == 1, "the block cache decodes one token per sequence per step"
         k, v = self.flat()
         slots = self.cache.write_slots
+        self.cache.writes += 1
         k.index_copy_(0, slots, key_states[:, :, 0].to(k.dtype))
         v.index_copy_(0, slots, value_states[:, :, 0].to(v.dtype))
         return key_states, value_states
@@ -76,6 +77,7 @@ class BlockCache(Cache):
         self.write_slots: torch.Tensor | None = None  # [B] slot of each row's new token this step
         self.plans: dict = {}  # window -> read plan of this step (block_attention)
         self.kernel = "loop"  # CPU kernel (block_attention.CPU)
+        self.writes = self.reads = 0  # layer updates / block attention calls this step (must match)
         self.keys_read = self.keys_real = 0  # keys attended, summed over steps (and windows): read (padding too) / real
 
     def __len__(self) -> int:
@@ -163,9 +165,13 @@ class BlockCache(Cache):
         self.write_slots = torch.tensor([f * bs + n for n, (f, _) in zip(self.lengths, self.runs)],
                                         device=self.layers[0].keys.device)
         self.plans = {}
+        self.writes = self.reads = 0
 
     def advance(self) -> None:
         """After a decode step: every row holds one more token."""
+        if self.reads != self.writes:  # a model that drops the block_decode kwarg would attend to one key
+            raise RuntimeError(f"{self.writes} layers wrote to the block cache but {self.reads} read it: the model "
+                               "does not pass block_decode to its attention function; use EngineConfig(block_decode=False)")
         self.lengths = [n + 1 for n in self.lengths]
 
     def ranges(self, window: int | None) -> list[tuple[int, int]]:
