@@ -73,7 +73,8 @@ def test_a_step_whose_attention_never_read_the_blocks_is_refused():
     c = BlockCache(2, block_size=4)
     c.add(cache, batch, reserve=[8, 8])
     c.prepare()
-    for layer in c.layers:  # what a model that drops the block_decode kwarg does: writes, never reads
-        layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    with torch.inference_mode():
+        for layer in c.layers:  # what a model that drops the block_decode kwarg does: writes, never reads
+            layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
     with pytest.raises(RuntimeError, match="block_decode"):
         c.advance()
