@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prepack_actor import Engine, EngineConfig, SamplingParams, load_model
+from prepack_actor import Engine, EngineConfig, SamplingParams, load_model, scheduler
 
 
 def main() -> None:
@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-num-seqs", default="16,32,64,128")
+    ap.add_argument("--admit-fractions", default="", help="also sweep scheduler.ADMIT_FRACTION, e.g. 1,2,4,8")
+    ap.add_argument("--no-leftpad", action="store_true", help="skip the left-padded reference")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model, dtype="float32", device="cpu")
@@ -33,10 +35,16 @@ def main() -> None:
     rng = random.Random(0)
     params = [SamplingParams(max_new_tokens=rng.randint(8, 256), ignore_eos=True) for _ in ids]
     out = sum(p.max_new_tokens for p in params)
-    configs = [(f"max_num_seqs={m}", EngineConfig(max_num_seqs=int(m))) for m in args.max_num_seqs.split(",")]
-    configs.append(("left-padded groups", EngineConfig(block_decode=False)))
+    configs = [(f"max_num_seqs={m}", EngineConfig(max_num_seqs=int(m)), None) for m in args.max_num_seqs.split(",")]
+    m = int(args.max_num_seqs.split(",")[-1])
+    configs += [(f"max_num_seqs={m}, admit at 1/{f} free", EngineConfig(max_num_seqs=m), int(f))
+                for f in args.admit_fractions.split(",") if f]
+    if not args.no_leftpad:
+        configs.append(("left-padded groups", EngineConfig(block_decode=False), None))
     Engine(model, tok).generate(ids[:2], SamplingParams(max_new_tokens=2))  # warm-up
-    for name, cfg in configs:
+    default_fraction = scheduler.ADMIT_FRACTION
+    for name, cfg, fraction in configs:
+        scheduler.ADMIT_FRACTION = fraction or default_fraction
         engine = Engine(model, tok, cfg)
         t, c = time.perf_counter(), time.process_time()
         engine.generate(ids, params)

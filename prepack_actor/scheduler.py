@@ -8,7 +8,7 @@ next waiting prompts are prefilled together in one packed pass and join (Engine.
             engine.join(run, prompts)   # packed prefill, first tokens, into the block cache
         engine.step(run)                # one token for every running sequence
 
-Admission waits until a quarter of the slots are free (or nothing runs), so prefills come
+Admission waits until an eighth of the slots are free (or nothing runs), so prefills come
 in packs rather than one prompt at a time (a packed pass of k prompts costs far less than
 k passes). Prompts go longest first when sort_by_length, as the static groups did.
 """
@@ -25,7 +25,7 @@ from .core.decode import Decoded
 from .core.finish import EOS, LENGTH, RUNNING, STOP_ID, Finisher
 from .core.sampling import Logprob, Sampler, SamplingParams, Step
 
-ADMIT_FRACTION = 4  # admit when at least max_num_seqs // ADMIT_FRACTION slots are free
+ADMIT_FRACTION = 8  # admit when at least max_num_seqs // ADMIT_FRACTION slots are free (docs/decode.md)
 
 
 class Scheduler:

@@ -138,9 +138,9 @@ def test_finisher_codes_follow_vllm_rules():
 
 
 def test_scheduler_admits_in_packs_within_budgets():
-    s = Scheduler([10, 50, 30, 20], [SamplingParams(n=2)] + [SamplingParams()] * 3, max_num_seqs=8,
+    s = Scheduler([10, 50, 30, 20], [SamplingParams(n=2)] + [SamplingParams()] * 3, max_num_seqs=16,
                   max_group_prompts=8, max_group_tokens=70)
     assert s.admit(0) == [1]  # longest first; 50 + 30 > 70 tokens
-    assert s.admit(7) == []  # one slot free: under a quarter of 8, wait for more
-    assert s.admit(6) == [2, 3]  # prompt 0 asks for n = 2 sequences: no room left
-    assert s.admit(5) == [0] and not s.waiting
+    assert s.admit(15) == []  # one slot free: under an eighth of 16, wait for more
+    assert s.admit(14) == [2, 3]  # prompt 0 asks for n = 2 sequences: no room left
+    assert s.admit(13) == [0] and not s.waiting
