@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from .core import kv_cache
+from .core.block_attention import FLASH_PAGE
 from .core.block_cache import BLOCK_SIZE, BlockCache
 from .core.decode import block_step, decode
 from .core.finish import Finisher
@@ -42,13 +43,14 @@ class EngineConfig(GroupConfig):
     # (needs varlen); False = static groups from a left-padded cache (the reference).
     block_decode: bool = True
     max_num_seqs: int = 128  # sequences decoding at once (block decode), >= 1 (docs/decode.md)
-    block_size: int = BLOCK_SIZE  # tokens per cache block, >= 1
+    block_size: int | None = None  # tokens per cache block, >= 1; None = 8 on CPU, 256 on CUDA (paged flash)
 
     def __post_init__(self):
         super().__post_init__()
         for key in ("max_num_seqs", "block_size"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if (value is not None or key != "block_size") and (not isinstance(value, int) or isinstance(value, bool)
+                                                                or value < 1):
                 raise ValueError(f"{key} must be an int >= 1, got {value!r}")
 
 
@@ -116,6 +118,7 @@ class Engine(ModelRunner):
         # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
         self.varlen = self.config.varlen and enable_varlen(model)
         self.block_decode = self.config.block_decode and self.varlen
+        self.block_size = self.config.block_size or (FLASH_PAGE if self.device.type == "cuda" else BLOCK_SIZE)
         self.keys_read = self.keys_real = 0  # keys attended per decode step, summed: read (padding too) / real
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
@@ -165,7 +168,8 @@ class Engine(ModelRunner):
         c = self.config
         run = Run(Scheduler([len(x) for x in ids], params, c.max_num_seqs, c.max_group_prompts,
                             c.max_group_tokens, c.sort_by_length),
-                  Batch(BlockCache(self.model.config.num_hidden_layers, c.block_size)), [p.n for p in params], start)
+                  Batch(BlockCache(self.model.config.num_hidden_layers, self.block_size)),
+                  [p.n for p in params], start)
         while not run.finished:
             if admitted := run.scheduler.admit(run.batch.size):
                 self.join(run, admitted, [ids[i] for i in admitted])

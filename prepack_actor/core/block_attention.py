@@ -13,7 +13,8 @@ Kernels (docs/decode.md has the measurements):
                TOLERANCE of their real keys; one sdpa per bucket over keys gathered by slot
                (padding masked). Fewer calls, but the gather copies every key once more.
   cuda         torch.nn.attention.varlen.varlen_attn with block_table and seqused_k (paged
-               flash decode). UNTESTED here: no GPU on this machine; guarded by query.is_cuda.
+               flash decode; blocks of a multiple of FLASH_PAGE tokens, else the "loop"
+               kernel runs on the GPU). UNTESTED here: no GPU on this machine.
 A plan is built once per step and window and shared by every layer of that window.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from .block_cache import BlockCache
 
 TOLERANCE = 1.05  # a bucket reads at most this many keys per real key
+FLASH_PAGE = 256  # flash attention's paged KV wants blocks of a multiple of 256 tokens (EngineConfig.block_size)
 
 
 @dataclass
@@ -83,9 +85,9 @@ def attend(module, query: torch.Tensor, cache: BlockCache, scale: float, window:
     """query [B, H, 1, D] -> out [B, 1, H, D] over the keys of each row in `cache` (layer module.layer_idx)."""
     layer = cache.layers[module.layer_idx]
     cache.reads += 1
-    if query.is_cuda:
+    if query.is_cuda and cache.block_size % FLASH_PAGE == 0 and _varlen_attn() is not None:
         return _cuda(query, layer, cache, scale, window)
-    p = plan(cache, window, cache.kernel)
+    p = plan(cache, window, cache.kernel)  # CPU, or CUDA without paged flash (correct, slower)
     k, v = layer.flat()  # [slots, Hkv, D]
     return CPU[cache.kernel](query, k, v, p, scale)
 
@@ -117,9 +119,17 @@ def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: f
 CPU = {"loop": _loop, "bucket": _bucket}
 
 
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def _cuda(query, layer, cache: BlockCache, scale: float, window: int | None) -> torch.Tensor:
     """UNTESTED (no GPU here): paged flash decode, query [B, H, 1, D] -> [B, 1, H, D]."""
-    from torch.nn.attention.varlen import varlen_attn
+    varlen_attn = _varlen_attn()
 
     b, h, _, d = query.shape
     kv = torch.tensor([n + 1 for n in cache.lengths], dtype=torch.int32, device=query.device)  # [B]
