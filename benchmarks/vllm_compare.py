@@ -22,7 +22,12 @@ in turn (interleaved); medians over repeats. Measured per dataset:
   and the dense ceiling: the same model on unpadded equal-length batches with the same
   token count as each of prepack's groups (no padding, no packing: the CPU limit);
 - end to end: `--new-tokens` greedy tokens per prompt, EOS ignored; tokens/s;
+- varied (`--varied`, a second workload per dataset, "<name>-varied"): end to end with
+  max_new_tokens drawn per prompt from 8..256 (seeded), EOS ignored;
+- keys read per decode step / real keys (prepack; 1.0 = only real keys), and with
+  `--leftpad` the same end to end on the left-padded static-group decode (the old path);
 - agreement: prompts whose greedy tokens are identical in both engines, and matching tokens.
+`--max-num-seqs` sets prepack's running batch (EngineConfig.max_num_seqs).
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ def vllm_worker(model: str, fd: int) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in cmd["ids"]]
-        params = SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"], ignore_eos=True)
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in cmd["max_tokens"]]
         t, c = time.perf_counter(), cpu_seconds()
         res = llm.generate(prompts, params, use_tqdm=False)
         seconds, cpu = time.perf_counter() - t, cpu_seconds() - c
@@ -83,8 +88,9 @@ class VLLM:
             raise RuntimeError(f"the vLLM worker exited (code {self.proc.poll()}); see its log")
         return json.loads(line)
 
-    def generate(self, ids: list[list[int]], max_tokens: int) -> tuple[tuple[float, float], list[list[int]]]:
-        """((wall s, CPU s), greedy tokens per prompt)."""
+    def generate(self, ids: list[list[int]], max_tokens: int | list[int]) -> tuple[tuple[float, float], list[list[int]]]:
+        """((wall s, CPU s), greedy tokens per prompt); max_tokens: one for all, or per prompt."""
+        max_tokens = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ids)
         self.proc.stdin.write(json.dumps({"ids": ids, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         r = self._read()
@@ -109,6 +115,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-group-prompts", type=int, default=None, help="default: EngineConfig's")
     ap.add_argument("--max-group-tokens", type=int, default=None, help="default: EngineConfig's")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: EngineConfig's")
+    ap.add_argument("--varied", action="store_true", help="also a varied workload: max_new_tokens 8..256 per prompt")
+    ap.add_argument("--leftpad", action="store_true", help="also end to end on the left-padded decode (old path)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the varied workload's lengths")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm/bin/python", help="'' skips vLLM")
     ap.add_argument("--out", default="results/vllm_compare.json")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
@@ -127,9 +137,11 @@ def main() -> None:
                         "--out", str(model_dir)], check=True)
     model, tok = load_model(str(model_dir), dtype="float32", device="cpu")
     overrides = {k: v for k, v in (("max_group_prompts", args.max_group_prompts),
-                                   ("max_group_tokens", args.max_group_tokens)) if v is not None}
+                                   ("max_group_tokens", args.max_group_tokens),
+                                   ("max_num_seqs", args.max_num_seqs)) if v is not None}
     engine = Engine(model, tok, EngineConfig(**overrides))
     dense = Engine(model, tok, EngineConfig(varlen=False, **overrides))
+    leftpad = Engine(model, tok, EngineConfig(block_decode=False, **overrides)) if args.leftpad else None
     assert engine.varlen, "the benchmark model must run varlen attention"
     data = {}
     for name in args.datasets.split(","):
@@ -167,67 +179,113 @@ def main() -> None:
     runs: dict[str, dict[str, list]] = {name: {} for name in data}
     tokens: dict[str, dict[str, list]] = {name: {} for name in data}
     try:
-        measure(args, data, engine, dense, ceiling, timed, vllm, gen, runs, tokens)
+        measure(args, data, engine, dense, leftpad, ceiling, timed, vllm, gen, runs, tokens)
     finally:
         if vllm:
             vllm.close()
     report(args, data, runs, tokens)
 
 
-def measure(args, data, engine, dense, ceiling, timed, vllm, gen, runs, tokens) -> None:
+def new_tokens(args, name: str, n: int) -> list[int]:
+    """Per prompt: --new-tokens, or for a "-varied" workload a seeded draw from 8..256."""
+    import random
+
+    rng = random.Random(args.seed)
+    return [rng.randint(8, 256) for _ in range(n)] if name.endswith("-varied") else [args.new_tokens] * n
+
+
+def measure(args, data, engine, dense, leftpad, ceiling, timed, vllm, gen, runs, tokens) -> None:
     """Every repeat runs every measurement of both engines in turn (interleaved)."""
+    from prepack_actor import SamplingParams
+
+    names = list(data) + ([f"{x}-varied" for x in data] if args.varied else [])
     for rep in range(args.repeats):
-        for name, ids in data.items():
+        for name in names:
+            ids = data[name.removesuffix("-varied")]
+            if name.endswith("-varied"):
+                runs.setdefault(name, {})
+                tokens.setdefault(name, {})
+                gen = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in new_tokens(args, name, len(ids))]
+                e2e(args, name, ids, engine, leftpad, timed, vllm, gen, runs, tokens, rep)
+                continue
             r = runs[name]
             r.setdefault("prepack_prefill", []).append(timed(engine.prefill, ids)[0])
             if vllm:
                 r.setdefault("vllm_prefill", []).append(vllm.generate(ids, 1)[0])
             r.setdefault("dense_mask_prefill", []).append(timed(dense.prefill, ids)[0])
             r.setdefault("ceiling_prefill", []).append(timed(ceiling, ids)[0])
-            t, res = timed(engine.generate, ids, gen)
-            r.setdefault("prepack_e2e", []).append(t)
-            tokens[name]["prepack"] = [x.token_ids for x in res]
-            if vllm:
-                s, toks = vllm.generate(ids, args.new_tokens)
-                r.setdefault("vllm_e2e", []).append(s)
-                tokens[name]["vllm"] = toks
-            print(f"repeat {rep} {name} (wall s / CPU s): "
-                  + ", ".join(f"{k} {v[-1][0]:.1f}/{v[-1][1]:.1f}" for k, v in r.items()), flush=True)
+            e2e(args, name, ids, engine, leftpad, timed, vllm, gen, runs, tokens, rep)
+
+
+def e2e(args, name, ids, engine, leftpad, timed, vllm, gen, runs, tokens, rep) -> None:
+    """End to end on prepack (block decode), the left-padded decode (--leftpad) and vLLM."""
+    r = runs[name]
+    for key, eng in (("prepack", engine), ("leftpad", leftpad)):
+        if eng is None:
+            continue
+        t, res = timed(eng.generate, ids, gen)
+        r.setdefault(f"{key}_e2e", []).append(t)
+        tokens[name][key] = [x.token_ids for x in res]
+        r.setdefault(f"{key}_keys_ratio", []).append((eng.keys_read / max(1, eng.keys_real),) * 2)
+    if vllm:
+        s, toks = vllm.generate(ids, new_tokens(args, name, len(ids)))
+        r.setdefault("vllm_e2e", []).append(s)
+        tokens[name]["vllm"] = toks
+    print(f"repeat {rep} {name} (wall s / CPU s): "
+          + ", ".join(f"{k} {v[-1][0]:.2f}/{v[-1][1]:.2f}" for k, v in r.items()), flush=True)
 
 
 def report(args, data, runs, tokens) -> None:
-    rows, payload = [], {"args": vars(args), "datasets": {}}
+    """Two tables: prefill (fixed workloads) and end to end (every workload, wall and CPU seconds)."""
+    payload = {"args": vars(args), "datasets": {}}
     col = {"wall": 0, "cpu": 1}[args.clock]
+    prefill, e2e_rows = [], []
     for name, r in runs.items():
         med = {k: statistics.median(x[col] for x in v) for k, v in r.items()}
-        real = sum(len(x) for x in data[name])
-        out = {"prompts": len(data[name]), "real_tokens": real, "median_s": med, "all_s": r}
-        line = [name, str(len(data[name])), str(real), f"{med['prepack_prefill']:.1f}",
-                f"{med['dense_mask_prefill']:.1f}", f"{med['ceiling_prefill']:.1f}",
-                f"{med['ceiling_prefill'] / med['prepack_prefill']:.2f}"]
-        e2e_tokens = len(data[name]) * args.new_tokens
-        line += [f"{e2e_tokens / med['prepack_e2e']:.0f}"]
-        if "vllm_prefill" in med:
+        med_wall = {k: statistics.median(x[0] for x in v) for k, v in r.items()}
+        ids = data[name.removesuffix("-varied")]
+        real = sum(len(x) for x in ids)
+        out_tokens = sum(new_tokens(args, name, len(ids)))
+        out = {"prompts": len(ids), "real_tokens": real, "output_tokens": out_tokens, "median_s": med,
+               "median_wall_s": med_wall, "all_s": r}
+        if "prepack_prefill" in med:
+            line = [name, str(len(ids)), str(real), f"{med['prepack_prefill']:.1f}", f"{med['dense_mask_prefill']:.1f}",
+                    f"{med['ceiling_prefill']:.1f}", f"{med['ceiling_prefill'] / med['prepack_prefill']:.2f}"]
+            if "vllm_prefill" in med:
+                line += [f"{med['vllm_prefill']:.1f}", f"{med['vllm_prefill'] / med['prepack_prefill']:.2f}"]
+            prefill.append(line)
+        line = [name, str(out_tokens), f"{out_tokens / med_wall['prepack_e2e']:.0f}", f"{med['prepack_keys_ratio']:.3f}"]
+        if "leftpad_e2e" in med:
+            line += [f"{out_tokens / med_wall['leftpad_e2e']:.0f}", f"{med['leftpad_keys_ratio']:.3f}"]
+        if "vllm_e2e" in med:
             a, b = tokens[name]["prepack"], tokens[name]["vllm"]
             same = sum(x == y for x, y in zip(a, b))
             match = sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)) / max(1, sum(map(len, a)))
             out["identical_sequences"], out["token_agreement"] = same, match
-            line += [f"{med['vllm_prefill']:.1f}", f"{med['vllm_prefill'] / med['prepack_prefill']:.2f}",
-                     f"{e2e_tokens / med['vllm_e2e']:.0f}", f"{med['vllm_e2e'] / med['prepack_e2e']:.2f}",
-                     f"{same}/{len(a)} ({match:.1%})"]
+            line += [f"{out_tokens / med_wall['vllm_e2e']:.0f}", f"{med_wall['vllm_e2e'] / med_wall['prepack_e2e']:.2f}",
+                     f"{med['vllm_e2e'] / med['prepack_e2e']:.2f}" if col else "-", f"{same}/{len(a)} ({match:.1%})"]
+        e2e_rows.append(line)
         payload["datasets"][name] = out
-        rows.append(line)
     head = ["dataset", "prompts", "real tokens", "prepack prefill s", "dense-mask prefill s", "ceiling s",
-            "prepack / ceiling", "prepack e2e tok/s"]
-    if any(len(x) > len(head) for x in rows):
-        head += ["vLLM prefill s", "prefill vs vLLM", "vLLM e2e tok/s", "e2e vs vLLM", "identical greedy (tokens)"]
-    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for line in rows:
-        print("| " + " | ".join(line) + " |")
+            "prepack / ceiling", "vLLM prefill s", "prefill vs vLLM"]
+    table(head[:max(map(len, prefill), default=0)], prefill)
+    head = ["workload", "output tokens", "prepack tok/s (wall)", "keys read / real"]
+    if args.leftpad:
+        head += ["left-padded tok/s (wall)", "left-padded keys read / real"]
+    if any("vllm_e2e" in r for r in runs.values()):
+        head += ["vLLM tok/s (wall)", "e2e vs vLLM (wall)", "e2e vs vLLM (CPU s)", "identical greedy (tokens)"]
+    table(head, e2e_rows)
     print("\nprepack / ceiling = ceiling time / prepack time (1.0 = as fast as unpadded equal-length batches); "
           "X vs vLLM = vLLM time / prepack time (> 1: prepack faster). Medians over "
-          f"{args.repeats} interleaved repeats, {args.clock} seconds.")
+          f"{args.repeats} interleaved repeats; prefill in {args.clock} seconds.")
     Path(args.out).write_text(json.dumps(payload, indent=1))
+
+
+def table(head: list[str], rows: list[list[str]]) -> None:
+    if rows:
+        print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for line in rows:
+            print("| " + " | ".join(line) + " |")
 
 
 if __name__ == "__main__":

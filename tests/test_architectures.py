@@ -271,3 +271,17 @@ def test_job_preflight_and_engine_path(tiny_model_dir, tmp_path):
     out = PrepackActor(config("auto")).run_group(rows)
     assert [r["engine_path"] for r in out] == [UNPACKED, UNPACKED]
     assert all(r["error"] is None and len(r["generated_tokens"]) == 3 for r in out)
+
+
+@pytest.mark.parametrize("model_type,overrides,block", [
+    ("llama", {}, True),
+    ("jetmoe", dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=8), True),  # kv heads tiled: reordered
+    ("diffllama", {}, False)])  # splits V between the cache and attention: left-padded decode
+def test_block_decode_is_used_exactly_where_attention_reads_the_cache_as_stored(model_type, overrides, block):
+    model = build(model_type, overrides, "sdpa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(model, TokenIds(), EngineConfig(pack_capacity=64))
+    assert engine.varlen and engine.block_decode == block
+    assert (engine.decode_refusal is None) == block
+    assert any("left-padded cache" in str(w.message) for w in caught) == (not block)

@@ -5,7 +5,9 @@
     enable_varlen(model) -> attention.NAME: cu_seqlens, no mask              attention.py, forward.py
     mask = masks.for_model(model, batch)  (dense path: reference, fallback)  masks.py
     logits, cache = last_token_logits(model, batch, varlen)                  forward.py
-    cache, attention_mask = kv_cache.unpack(cache, batch, room)              kv_cache.py
-    decoded = decode(model, cache, attention_mask, ..., sampler, ...)        decode.py, sampling.py
+    blocks.add(cache, batch, reserve)  (blocks = BlockCache(num_layers))     block_cache.py
+    logits = block_step(model, blocks, tokens, positions)  (decoding())     decode.py, block_attention.py
+    codes = finisher.check(tokens)  (EOS, stop ids, min/max tokens)          finish.py
+    fallback: kv_cache.unpack(cache, batch, room) -> decode(model, ...)      kv_cache.py, decode.py, sampling.py
     params = SamplingParams(temperature=0.7, n=2, logprobs=3)                params.py (no torch)
 """

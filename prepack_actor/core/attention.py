@@ -28,6 +28,9 @@ attention sinks, bidirectional packed attention, a cache holding past tokens wit
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from functools import lru_cache
 
 import torch
@@ -62,17 +65,40 @@ def varlen_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
                      attention_mask=attention_mask, use_vmap=use_vmap, **kwargs)
 
 
+# The BlockCache of the decode step in progress. A context variable, not a model kwarg:
+# some decoder layers (nemotron, jetmoe, diffllama) drop **kwargs before attention.
+_DECODING: contextvars.ContextVar = contextvars.ContextVar("prepack_block_decode", default=None)
+
+
+@contextlib.contextmanager
+def decoding(cache):
+    """Attention calls inside read `cache`'s blocks (block_attention) instead of key/value."""
+    token = _DECODING.set(cache)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      sliding_window: int | None = None, is_causal: bool | None = None,
                      cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                      max_length_q: int | None = None, max_length_k: int | None = None,
                      position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query [B, H, Tq, D], key/value [B, Hkv, Tk, D] -> (out [B, Tq, H, D], None)."""
+    """query [B, H, Tq, D], key/value [B, Hkv, Tk, D] -> (out [B, Tq, H, D], None).
+
+    Inside `decoding(cache)` (a BlockCache): a decode step over paged blocks
+    (block_attention.attend); key/value are then only the step's new token, already stored."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{NAME}: attention soft-capping / sinks are not implemented; use sdpa or eager")
     if dropout and module.training:
         raise NotImplementedError(f"{NAME}: inference only (dropout > 0 in training mode)")
+    block_decode = _DECODING.get()
+    if block_decode is not None:
+        from . import block_attention
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return block_attention.attend(module, query, key, value, block_decode, scale, sliding_window), None
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     b, h, tq, d = query.shape
     tk = key.shape[2]

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import kv_cache
+from . import attention, kv_cache
 from .sampling import Logprob, Sampler, SamplingParams, Step
 
 
@@ -33,12 +33,13 @@ class Decoded:
 def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
            first: Step, sampler: Sampler, params: list[SamplingParams],
            stopped: Callable[[int, list[int]], tuple[bool, int | None, str | int | None]],
-           sync=lambda: None) -> list[Decoded]:
+           sync=lambda: None, keys: list[int] | None = None) -> list[Decoded]:
     """Generate from a batched cache, one row per sequence.
 
     attention_mask: [S, Lmax] (0 = left pad), lengths: [S] prompt lengths, first: the step
     sampled from the prefill logits. stopped(s, tokens) -> (stopped, char offset of a stop
-    string or None, stop reason) for sequence s after each new token.
+    string or None, stop reason) for sequence s after each new token. keys: [read, real]
+    counters, increased by the keys each layer attends per step (padding included / not).
     """
     device = attention_mask.device
     n = len(params)
@@ -70,6 +71,9 @@ def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
             attention_mask = attention_mask[:, start:]
             kv_cache.select(cache, idx, start)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], -1)
+        if keys is not None:
+            keys[0] += attention_mask.numel()
+            keys[1] += int(attention_mask.sum())
         logits = model(
             input_ids=last[:, None],  # [A, 1]
             position_ids=positions[:, None],  # [A, 1]
@@ -84,3 +88,20 @@ def decode(model, cache, attention_mask: torch.Tensor, lengths: torch.Tensor,
             out[p].append(t)
             if step.logprobs is not None and lps[p] is not None:
                 lps[p].append(step.logprobs[b])
+
+
+@torch.inference_mode()
+def block_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode step of the running batch over a BlockCache: tokens, positions [B] -> logits [B, V] fp32.
+
+    No attention mask: the cache says which keys each row reads (block_attention)."""
+    cache.prepare()
+    with attention.decoding(cache):
+        logits = model(
+            input_ids=tokens[:, None],  # [B, 1]
+            position_ids=positions[:, None],  # [B, 1]
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1].float()  # [B, V]
+    cache.advance()
+    return logits

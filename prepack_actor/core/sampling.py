@@ -129,6 +129,23 @@ class Sampler:
         self.generators = [self.generators[i] for i in rows]
         self.k = [self.k[i] for i in rows]
 
+    def extend(self, other: "Sampler") -> None:
+        """The sequences of `other` (already called once: vocabulary-wide state built) join after
+        these. A state only one side keeps is zeros on the other, where it has no effect."""
+        assert self._setup is None and other._setup is None, "extend after each sampler's first step"
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition", "presence", "frequency",
+                     "min_tokens", "generated"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        for name in ("seen", "counts", "stop_mask"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is not None or b is not None:
+                ref = a if a is not None else b
+                a = a if a is not None else ref.new_zeros(len(self.k), ref.shape[1])
+                b = b if b is not None else ref.new_zeros(len(other.k), ref.shape[1])
+                setattr(self, name, torch.cat([a, b]))
+        self.generators = self.generators + other.generators
+        self.k = self.k + other.k
+
     def __call__(self, logits: torch.Tensor) -> Step:
         """logits [B, V] -> the next token of each sequence (and its logprobs where asked)."""
         raw = logits.float()

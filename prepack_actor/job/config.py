@@ -154,6 +154,8 @@ class PackingConfig:
     pack_capacity: Optional[int] = None  # packed row width in tokens, >= 1; null = longest prompt of the group (paper)
     max_group_tokens: int = 4096  # prompt tokens per group (one forward pass, one actor call), >= 1
     max_group_prompts: int = 64  # prompts (generate) or items (score) per group, >= 1
+    max_num_seqs: int = 128  # generate: sequences decoding at once within an actor call, >= 1; a group
+    #                         larger than this admits its waiting prompts as others finish (docs/decode.md)
     window: int = 1024  # rows sorted by length together before grouping (bounds memory), >= 1
     global_sort: bool = False  # true: sort the whole dataset by length first (a global shuffle)
     memory_budget_gb: float = 0.0  # > 0: derive max_group_tokens from this per-actor budget (docs/failure.md); 0 = off
@@ -164,6 +166,7 @@ class PackingConfig:
         _at_least("packing.memory_budget_gb", self.memory_budget_gb, 0)
         _at_least("packing.max_group_tokens", self.max_group_tokens, 1)
         _at_least("packing.max_group_prompts", self.max_group_prompts, 1)
+        _at_least("packing.max_num_seqs", self.max_num_seqs, 1)
         _at_least("packing.window", self.window, 1)
 
 

@@ -6,8 +6,6 @@ from dataclasses import asdict, replace
 
 import pyarrow as pa
 
-from .. import routes
-from ..capability import PACKED
 from ..core.sampling import SamplingParams
 from ..engine import Completion, Engine, EngineConfig, GenerationResult
 from ..inputs import BadInput, encode_prompt
@@ -32,7 +30,7 @@ class GenerateTask(Task):
         ("stop_reason", pa.string()), ("stop_token_id", pa.int64()), ("num_input_tokens", pa.int64()),
         ("num_truncated_tokens", pa.int64()), ("num_generated_tokens", pa.int64()),
         ("logprobs", LOGPROBS), ("outputs", pa.list_(COMPLETION)), ("sampling_params", pa.string()),
-        ("prefill_s", pa.float64()), ("ttft_s", pa.float64()), ("decode_s", pa.float64()),
+        ("prefill_s", pa.float64()), ("queue_s", pa.float64()), ("ttft_s", pa.float64()), ("decode_s", pa.float64()),
         ("pack_rows", pa.int64()), ("pack_efficiency", pa.float64()), ("engine_path", pa.string()),
         ("error", pa.string()), ("error_kind", pa.string())])
     summary_columns = ("num_generated_tokens",)
@@ -76,13 +74,11 @@ class GenerateTask(Task):
     def runner(self, model, tokenizer, packing: PackingConfig) -> Engine:
         return Engine(model, tokenizer, EngineConfig(
             pack_capacity=packing.pack_capacity, max_group_prompts=packing.max_group_prompts,
-            max_group_tokens=packing.max_group_tokens))
+            max_group_tokens=packing.max_group_tokens, max_num_seqs=packing.max_num_seqs))
 
     def run(self, engine: Engine, rows: list[dict]) -> list[GenerationResult]:
-        ids, params = [r["payload"]["input_ids"] for r in rows], [r["payload"]["sampling"] for r in rows]
-        if engine.capability.route != PACKED:  # bucketed or unpacked (capability.py)
-            return routes.generate(engine, ids, params)
-        return engine.generate_group(ids, params)
+        return engine.generate_ids([r["payload"]["input_ids"] for r in rows],
+                                   [r["payload"]["sampling"] for r in rows])
 
     def output_row(self, row: dict, result: GenerationResult | None = None,
                    error: tuple[str, str] | None = None) -> dict:
@@ -100,7 +96,7 @@ class GenerateTask(Task):
             num_generated_tokens=r.num_generated_tokens if r else 0,
             outputs=[completion_columns(c) for c in r.outputs] if r and len(r.outputs) > 1 else None,
             sampling_params=json.dumps(overrides, default=str) if overrides else None,
-            prefill_s=r.prefill_s if r else None, ttft_s=r.ttft_s if r else None,
+            prefill_s=r.prefill_s if r else None, queue_s=r.queue_s if r else None, ttft_s=r.ttft_s if r else None,
             decode_s=r.decode_s if r else None, pack_rows=r.pack_rows if r else None,
             pack_efficiency=r.pack_efficiency if r else None, engine_path=r.engine_path if r else None,
             error=message, error_kind=kind)

@@ -1,0 +1,80 @@
+"""BlockCache and block_attention: keys land where the packed prefill had them, runs are
+reused without copies, and both CPU kernels equal plain attention over each row's keys."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from prepack_actor.core import block_attention
+from prepack_actor.core.block_cache import BlockCache
+from prepack_actor.core.packing import pack
+
+
+def packed_cache(lengths, hkv=2, d=8, layers=2):
+    batch = pack([[1] * n for n in lengths], capacity=max(lengths) + 3)  # several rows with pad runs
+    cache = DynamicCache()
+    for i in range(layers):
+        k = torch.randn(batch.num_rows, hkv, batch.width, d)
+        cache.update(k, k + 100, i)
+    return batch, cache, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+
+def test_add_copies_each_prompt_into_its_run_and_finished_runs_are_reused():
+    batch, cache, ref = packed_cache([5, 11, 3, 7])
+    c = BlockCache(2, block_size=4)
+    c.add(cache, batch, reserve=[9, 11, 20, 7])
+    assert [n for _, n in c.runs] == [3, 3, 5, 2] and c.lengths == [5, 11, 3, 7]
+    for b in range(4):
+        first, row, off, n = c.runs[b][0] * 4, int(batch.row[b]), int(batch.offset[b]), int(batch.length[b])
+        for layer, (k, v) in zip(c.layers, ref):
+            fk, fv = layer.flat()
+            torch.testing.assert_close(fk[first:first + n], k[row, :, off:off + n].transpose(0, 1), atol=0, rtol=0)
+            torch.testing.assert_close(fv[first:first + n], v[row, :, off:off + n].transpose(0, 1), atol=0, rtol=0)
+    blocks = c.num_blocks
+    freed = c.runs[2]
+    c.select([0, 1, 3])  # row 2 finished: its run is free again, nothing moved
+    assert c.lengths == [5, 11, 7] and c.free[0] == freed
+    batch2, cache2, _ = packed_cache([6])
+    c.add(cache2, batch2, reserve=[18])
+    assert c.runs[-1] == freed and c.num_blocks == blocks  # the freed run, no growth
+    c.select([])
+    assert c.free == [(0, blocks)]  # every run merged back into one
+
+
+@pytest.mark.parametrize("kernel", block_attention.CPU)
+@pytest.mark.parametrize("window", [None, 4])
+def test_kernels_equal_attention_over_each_rows_keys(kernel, window):
+    torch.manual_seed(0)
+    lengths = [1, 9, 4, 17, 9]
+    c = BlockCache(1, block_size=4)
+    layer = c.layers[0]
+    runs = [-(-(n + 1) // 4) for n in lengths]
+    layer.keys, layer.values = torch.randn(sum(runs) + 3, 4, 2, 8), torch.randn(sum(runs) + 3, 4, 2, 8)
+    c.runs = [(3 + sum(runs[:i]), r) for i, r in enumerate(runs)]  # not starting at slot 0
+    c.lengths = list(lengths)
+    c.kernel = kernel
+    q = torch.randn(len(lengths), 6, 1, 8)  # GQA 6 / 2
+    out = block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, 8 ** -0.5, window)  # [B, 1, H, D]
+    k, v = layer.flat()
+    for b, ((first, _), n) in enumerate(zip(c.runs, lengths)):
+        s, e = first * 4, first * 4 + n + 1  # the step's new token included
+        s = max(s, e - window) if window else s
+        ref = F.scaled_dot_product_attention(q[b:b + 1], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
+                                             enable_gqa=True)
+        torch.testing.assert_close(out[b], ref[0].transpose(0, 1), atol=1e-5, rtol=0)
+    assert c.keys_real == sum(min(n + 1, window or n + 1) for n in lengths)
+    assert c.keys_read <= block_attention.TOLERANCE * c.keys_real
+
+
+def test_a_step_whose_attention_never_read_the_blocks_is_refused():
+    batch, cache, _ = packed_cache([5, 3])
+    c = BlockCache(2, block_size=4)
+    c.add(cache, batch, reserve=[8, 8])
+    c.prepare()
+    with torch.inference_mode():
+        for layer in c.layers:  # what a model bypassing the attention interface does: writes, never reads
+            layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    with pytest.raises(RuntimeError, match="block_decode"):
+        c.advance()
