@@ -71,3 +71,31 @@ def test_engine_on_onednn_equals_engine_on_torch(tiny_model):
     assert [r.token_ids for r in fast.generate(PROMPTS, params)] == \
            [r.token_ids for r in plain.generate(PROMPTS, params)]
     assert all("forward" not in m.__dict__ for m in linears(model))
+
+
+class MLP(nn.Module):
+    """gate/up/down + SiLU; `gated` picks the Llama forward or another shape with the same parts."""
+
+    def __init__(self, gated: bool):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False), nn.Linear(32, 16, bias=False)
+        self.act_fn, self.gated = nn.SiLU(), gated
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_gated_mlp_is_fused_only_when_its_forward_is_the_gated_one(gated):
+    mlp = MLP(gated)
+    model = nn.Sequential(mlp)
+    model.device, model.dtype = torch.device("cpu"), torch.float32
+    x = torch.randn(2, 5, 16)
+    want = mlp(x)
+    with torch.inference_mode(), onednn_linear(model):
+        assert ("forward" in mlp.__dict__) == gated  # fused MLP forward; the other keeps its own
+        got = mlp(x)
+    assert "forward" not in mlp.__dict__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,11 @@ MKL's sgemm; oneDNN's matmul with its weight reordered once into oneDNN's blocke
 (what vLLM's CPU engine and inductor's freezing pass use) ran 10-15% faster prefill and
 9-17% faster end to end on the 70M Llama here (docs/varlen.md, "Linear layers").
 
+Gated MLPs (`down(silu(gate(x)) * up(x))`: Llama, Qwen, Mistral, ...) also fuse the SiLU
+into the gate's matmul and the product into the up matmul (oneDNN post-ops, as vLLM's
+`silu_and_mul`): ~6% faster prefill here. A module is fused only after its own forward gave
+the same numbers on a probe input, so an MLP of another shape keeps its forward.
+
 The swap is scoped: `onednn_linear(model)` points each `nn.Linear` at its packed weight for
 the duration of a `with` block and restores torch's forward after, so a model used outside
 the engine (a Hugging Face reference, `generate`) runs unchanged. The packed weights are a
@@ -19,6 +24,7 @@ from torch import nn
 
 DTYPES = (torch.float32, torch.bfloat16)
 _PACKED = "_prepack_onednn"  # per module: (weight version, weight data_ptr, packed weight)
+_GATED = "_prepack_gated"  # per MLP module: its forward is down(silu(gate(x)) * up(x))
 
 
 def onednn_refusal(model) -> str | None:
@@ -54,17 +60,49 @@ def _forward(module: nn.Linear):
     return forward
 
 
+def _gated(module: nn.Module) -> bool:
+    """A gated SiLU MLP whose forward equals down(silu(gate(x)) * up(x)) (checked once on a probe)."""
+    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(p) is nn.Linear and p.weight.dtype in DTYPES for p in parts) \
+            or type(getattr(module, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+        return False
+    if not hasattr(module, _GATED):
+        gate, up, down = parts
+        with torch.inference_mode(False), torch.no_grad():
+            x = torch.randn(3, gate.in_features, dtype=gate.weight.dtype, generator=torch.Generator().manual_seed(0))
+            want = down(nn.functional.silu(gate(x)) * up(x))
+            setattr(module, _GATED, torch.allclose(module.forward(x), want, rtol=1e-4, atol=1e-5))
+    return getattr(module, _GATED)
+
+
+def _gated_forward(module: nn.Module):
+    gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., hidden]
+        if x.dtype != gate.weight.dtype:
+            return down(nn.functional.silu(gate(x)) * up(x))
+        x = x.contiguous()
+        g = torch.ops.mkldnn._linear_pointwise(x, _packed(gate), gate.bias, "swish", [], "")  # silu(gate(x))
+        h = torch.ops.mkldnn._linear_pointwise(x, g, _packed(up), up.bias, "mul")  # up(x) * g
+        return down(h)
+    return forward
+
+
 @contextmanager
 def onednn_linear(model, enabled: bool = True):
-    """Inside the block every plain `nn.Linear` of `model` runs oneDNN on its packed weight.
-
-    No-op when `enabled` is False or `onednn_refusal(model)` says why not. Re-entrant."""
+    """Inside the block every plain `nn.Linear` of `model` runs oneDNN on its packed weight,
+    and gated SiLU MLPs run fused. No-op when `enabled` is False or `onednn_refusal(model)`
+    says why not. Re-entrant."""
+    on = enabled and onednn_refusal(model) is None
+    mlps = [m for m in model.modules() if "forward" not in m.__dict__ and _gated(m)] if on else []
     modules = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype in DTYPES
-               and "forward" not in m.__dict__] if enabled and onednn_refusal(model) is None else []
+               and "forward" not in m.__dict__] if on else []
     try:
+        for m in mlps:
+            m.forward = _gated_forward(m)
         for m in modules:
             m.forward = _forward(m)
         yield
     finally:
-        for m in modules:
+        for m in mlps + modules:
             m.__dict__.pop("forward", None)
