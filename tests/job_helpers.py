@@ -45,10 +45,13 @@ def driver_script(job: str) -> str:
 def kill_driver_mid_job(job: str, args: list[str], out: Path, temp: Path) -> None:
     """Run `job` in a driver subprocess on a private Ray (temp dir `temp`), slowed down per group;
     SIGKILL the driver and its Ray once two data files exist under `out`."""
+    import contextlib
     import signal
     import subprocess
     import sys
     import time
+
+    import psutil
 
     from conftest import _stop_cluster
     proc = subprocess.Popen([sys.executable, "-c", driver_script(job), str(temp), *args], cwd=REPO,
@@ -59,7 +62,15 @@ def kill_driver_mid_job(job: str, args: list[str], out: Path, temp: Path) -> Non
         while time.time() < deadline and proc.poll() is None and len(list(out.glob("part-*"))) < 2:
             time.sleep(0.05)
         assert proc.poll() is None, "the job ended before it could be killed"
+        # Every process the driver started (its Ray: GCS, raylet, the actors' workers, which
+        # rename themselves and may leave the process group), taken before the kill: an actor
+        # outliving its driver for a moment could stage one more group after the test counted.
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its private Ray, nothing else
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(tree, timeout=30)
         proc.wait(timeout=30)
     finally:
         _stop_cluster(temp)
