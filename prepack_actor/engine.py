@@ -21,8 +21,8 @@ from . import routes
 from .capability import PACKED, UNPACKED
 from .core import kv_cache
 from .core.block_attention import FLASH_PAGE
-from .core.block_cache import BLOCK_SIZE, BlockCache, BlockDecodeUnsupported
-from .core.decode import block_step, decode
+from .core.block_cache import BLOCK_SIZE, BlockCache
+from .core.decode import block_decode_refusal, block_step, decode
 from .core.finish import Finisher
 from .core.forward import enable_varlen, last_token_logits
 from .core.grouping import GroupConfig
@@ -127,26 +127,15 @@ class Engine(ModelRunner):
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stops = StopChecker(tokenizer, set(eos) | {tokenizer.eos_token_id} - {None})
         self.block_decode = self.config.block_decode and self.varlen
-        self.decode_refusal = self.block_decode_refusal() if self.block_decode else None
+        self.decode_refusal = self.probe_block_decode() if self.block_decode else None
         if self.decode_refusal:  # e.g. keys/values changed between cache and attention (DiffLlama)
             self.block_decode = False
             warnings.warn(f"prepack: {type(model).__name__} decodes on the left-padded cache: {self.decode_refusal}",
                           stacklevel=2)
 
-    @torch.inference_mode()
     @on_kernels
-    def block_decode_refusal(self) -> str | None:
-        """Why the model cannot decode from the block cache, found by one decode step of a
-        2-token prompt; None if it can."""
-        packed = pack([[self.pad_id] * 2], None, self.pad_id, stream=True)
-        _, cache = last_token_logits(self.model, packed, varlen=True)
-        blocks = BlockCache(self.model.config.num_hidden_layers, self.block_size)
-        blocks.add(cache, packed, [3], None)
-        try:
-            block_step(self.model, blocks, torch.tensor([self.pad_id], device=self.device), packed.length.to(self.device))
-        except BlockDecodeUnsupported as e:
-            return str(e)
-        return None
+    def probe_block_decode(self) -> str | None:
+        return block_decode_refusal(self.model, self.block_size, self.pad_id)
 
     def encode(self, prompts: Sequence[Prompt], reserve: int | Sequence[int] = 0) -> list[list[int]]:
         """Token ids per prompt; raises PromptError naming the first bad prompt."""

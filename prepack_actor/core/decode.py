@@ -16,6 +16,9 @@ from typing import Callable
 import torch
 
 from . import attention, kv_cache
+from .block_cache import BlockCache, BlockDecodeUnsupported
+from .forward import last_token_logits
+from .packing import pack
 from .sampling import Logprob, Sampler, SamplingParams, Step
 
 
@@ -105,3 +108,18 @@ def block_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> t
         ).logits[:, -1].float()  # [B, V]
     cache.advance()
     return logits
+
+
+@torch.inference_mode()
+def block_decode_refusal(model, block_size: int, pad_id: int) -> str | None:
+    """Why `model` cannot decode from a BlockCache, found by one decode step of a 2-token
+    prompt (e.g. DiffLlama changes V between the cache and attention); None if it can."""
+    packed = pack([[pad_id] * 2], None, pad_id, stream=True)
+    _, cache = last_token_logits(model, packed, varlen=True)
+    blocks = BlockCache(model.config.num_hidden_layers, block_size)
+    blocks.add(cache, packed, [3], None)
+    try:
+        block_step(model, blocks, torch.tensor([pad_id], device=model.device), packed.length.to(model.device))
+    except BlockDecodeUnsupported as e:
+        return str(e)
+    return None
