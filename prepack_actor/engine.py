@@ -196,8 +196,7 @@ class Engine(ModelRunner):
         c = self.config
         run = Run(Scheduler([len(x) for x in ids], params, c.max_num_seqs, c.max_group_prompts,
                             c.max_group_tokens, c.sort_by_length),
-                  Batch(BlockCache(self.model.config.num_hidden_layers, self.block_size)),
-                  [p.n for p in params], start)
+                  Batch(BlockCache(self.model.config.num_hidden_layers, self.block_size)))
         while not run.finished:
             if admitted := run.scheduler.admit(run.batch.size):
                 self.join(run, admitted, [ids[i] for i in admitted])

@@ -3,9 +3,9 @@
 The engine keeps up to `max_num_seqs` sequences decoding. When enough of them finish, the
 next waiting prompts are prefilled together in one packed pass and join (Engine.generate):
 
-    while not run.done:
+    while not run.finished:
         if prompts := run.scheduler.admit(run.batch.size):
-            engine.join(run, prompts)   # packed prefill, first tokens, into the block cache
+            engine.join(run, prompts, ids)   # packed prefill, first tokens, into the block cache
         engine.step(run)                # one token for every running sequence
 
 Admission waits until an eighth of the slots are free (or nothing runs), so prefills come
@@ -14,7 +14,6 @@ k passes). Prompts go longest first when sort_by_length, as the static groups di
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -123,8 +122,6 @@ class Run:
     """One generate call on the block path: scheduler, running batch and what finished."""
     scheduler: Scheduler
     batch: Batch
-    n: list[int]  # completions asked per prompt
-    start: float = field(default_factory=time.perf_counter)  # hand-over
     admission: dict[int, Admission] = field(default_factory=dict)  # per prompt
     done: dict[int, list] = field(default_factory=dict)  # per prompt: (index, Decoded) as they finish
 
