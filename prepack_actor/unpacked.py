@@ -16,9 +16,9 @@ import time
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .core.packing import pad_left
 from .capability import UNPACKED
 from .core.decode import Decoded
+from .core.packing import pad_left
 from .core.sampling import SamplingParams, Sampler, expand
 
 
