@@ -40,10 +40,20 @@ REPO = Path(__file__).resolve().parent.parent
 RAY_BIN = str(Path(sys.executable).parent / "ray")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and never returned before in this process: the kernel may hand
+    the same ephemeral port to two closed sockets in a row, and `ray start` given one port for
+    two of its servers fails."""
+    while True:
+        with contextlib.closing(socket.socket()) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @pytest.fixture(scope="module")

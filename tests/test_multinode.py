@@ -55,11 +55,18 @@ class TwoNodes:
         self.workers = 0
 
     def _start(self, *args, temp: Path):
-        cmd = [RAY_BIN, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}",
-               "--object-store-memory=100000000", "--disable-usage-stats",
-               *_ports("node-manager-port", "object-manager-port", "runtime-env-agent-port",
-                       "metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port")]
-        subprocess.run(cmd, check=True, env=self.env, capture_output=True, timeout=180)
+        # A free port can be taken by another process before Ray binds it: one retry with fresh
+        # node ports; a second failure shows what `ray start` said.
+        for attempt in (1, 2):
+            cmd = [RAY_BIN, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}",
+                   "--object-store-memory=100000000", "--disable-usage-stats",
+                   *_ports("node-manager-port", "object-manager-port", "runtime-env-agent-port",
+                           "metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port")]
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+            if done.returncode == 0:
+                return
+            _stop_cluster(temp)
+        raise RuntimeError(f"ray start failed twice: {done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
     def add_worker(self) -> str:
         """Start a worker node; returns its node id."""
