@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "PackedBatch": "core.packing", "ffd": "core.packing", "pack": "core.packing",
     "SamplingParams": "core.params",
-    "Engine": "engine", "EngineConfig": "engine", "GenerationResult": "engine", "Completion": "engine",
+    "Engine": "engine", "EngineConfig": "engine", "GenerationResult": "outputs", "Completion": "outputs",
     "Logprob": "core.sampling",
     "InputError": "inputs", "ItemError": "inputs", "PromptError": "inputs",
     "ModelLoadError": "models", "load_model": "models",

@@ -12,7 +12,7 @@ from a left-padded cache instead (pack, prefill, unpack, decode; core/decode.py)
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,10 +27,11 @@ from .core.finish import Finisher
 from .core.forward import enable_varlen, last_token_logits
 from .core.grouping import GroupConfig
 from .core.packing import pack
-from .core.sampling import Logprob, Sampler, SamplingParams, expand
+from .core.sampling import Sampler, SamplingParams, expand
 from .inputs import Prompt, encode_prompts
 from .models import ModelRunner, on_kernels
-from .scheduler import Admission, Batch, Run, Scheduler, Seq
+from .outputs import Admission, Completion, GenerationResult, StopChecker, generation_result  # noqa: F401 (API)
+from .scheduler import Batch, Run, Scheduler, Seq
 
 
 @dataclass
@@ -55,64 +56,6 @@ class EngineConfig(GroupConfig):
             if (value is not None or key != "block_size") and (not isinstance(value, int) or isinstance(value, bool)
                                                                 or value < 1):
                 raise ValueError(f"{key} must be an int >= 1, got {value!r}")
-
-
-@dataclass
-class Completion:
-    """One of a prompt's n completions (vLLM's CompletionOutput)."""
-    index: int  # 0 .. n-1; sequence i is seeded by sampling.sequence_seeds(seed, n)[i]
-    text: str  # generated text, special tokens skipped, without the stop string or stop token
-    token_ids: list[int]  # generated token ids (the EOS or stop token id that ended it included)
-    finish_reason: str  # "stop" (EOS, stop token id or stop string) | "length" (max_new_tokens)
-    stop_reason: str | int | None  # the stop string or stop token id that ended it; None otherwise (EOS too)
-    logprobs: list[dict[int, Logprob]] | None  # per token: chosen token first, then the top k (when asked)
-
-
-@dataclass
-class GenerationResult:
-    text: str  # outputs[0].text: generated text, special tokens skipped, cut before a stop string
-    token_ids: list[int]  # outputs[0].token_ids (EOS included when it ended the prompt)
-    finish_reason: str  # outputs[0].finish_reason: "stop" (EOS, stop id or string) | "length"
-    num_input_tokens: int
-    num_generated_tokens: int  # over all n completions
-    prefill_s: float  # forward pass over the packed prompts this prompt was prefilled with
-    ttft_s: float  # hand-over (the generate call's start) to this prompt's first token
-    decode_s: float  # first token to this prompt's last token
-    overhead_s: float  # packing + cache fill + first sampling of its prefill
-    pack_prompts: int  # prompts in the group (rows before packing)
-    pack_rows: int  # packed rows after packing
-    pack_efficiency: float  # real tokens / packed slots, in (0, 1]
-    stop_reason: str | int | None = None  # outputs[0].stop_reason
-    logprobs: list[dict[int, Logprob]] | None = None  # outputs[0].logprobs
-    outputs: list[Completion] = field(default_factory=list)  # all n completions (SamplingParams.n)
-    engine_path: str = "packed"  # "packed" | "packed_bucketed" | "unpacked" (capability.py)
-    queue_s: float = 0.0  # hand-over to the start of this prompt's prefill (waiting for a slot)
-
-
-class StopChecker:
-    """EOS ids, stop token ids and stop strings, none before min_tokens (vLLM's rules);
-    decodes text only for sequences that have stop strings."""
-
-    def __init__(self, tokenizer, eos_ids: set[int]):
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
-
-    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None, str | int | None]:
-        """-> (stopped, char offset of the stop string or None, stop reason)."""
-        if len(tokens) <= params.min_tokens:
-            return False, None, None
-        if not params.ignore_eos and tokens[-1] in self.eos_ids:
-            return True, None, None
-        if tokens[-1] in params.stop_token_ids:
-            return True, None, tokens[-1]
-        if params.stop:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            # Only a stop string that ends after the first min_tokens tokens counts (vLLM).
-            after = len(self.tokenizer.decode(tokens[:params.min_tokens], skip_special_tokens=True)) \
-                if params.min_tokens else 0
-            hits = [(i, s) for s in params.stop if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
-            if hits:
-                return True, *min(hits)
-        return False, None, None
 
 
 class Engine(ModelRunner):
@@ -245,14 +188,9 @@ class Engine(ModelRunner):
         run.retire(step, b.finisher.check(step.tokens), range(b.size), self.stops, self.now())
 
     def result(self, ids: list[int], adm: Admission, done: list, start: float) -> GenerationResult:
-        outputs = [self.completion(i, d) for i, d in sorted(done, key=lambda x: x[0])]
-        c, last = outputs[0], max(d.finished_at for _, d in done)
-        return GenerationResult(
-            text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason, num_input_tokens=len(ids),
-            num_generated_tokens=sum(len(o.token_ids) for o in outputs), prefill_s=adm.prefill_s,
-            ttft_s=adm.first - start, decode_s=max(0.0, last - adm.first), overhead_s=adm.overhead_s,
-            pack_prompts=adm.pack_prompts, pack_rows=adm.pack_rows, pack_efficiency=adm.pack_efficiency,
-            stop_reason=c.stop_reason, logprobs=c.logprobs, outputs=outputs, queue_s=adm.start - start)
+        """A prompt's result from its finished sequences ((index, Decoded), in any order)."""
+        return generation_result(self.tokenizer, len(ids), [d for _, d in sorted(done, key=lambda x: x[0])],
+                                 adm, start)
 
     def generate_groups(self, ids: list[list[int]], params: list[SamplingParams], start: float) -> list[GenerationResult]:
         """The left-padded reference: static groups, each decoded until its last prompt finishes."""
@@ -287,33 +225,13 @@ class Engine(ModelRunner):
         decoded = decode(self.model, cache, attention_mask, lengths, first, sampler, seqs,
                          lambda s, tokens: self.stops.check(tokens, seqs[s]), self.sync, keys)
         self.keys_read, self.keys_real = self.keys_read + keys[0], self.keys_real + keys[1]
-        overhead = (t_packed - t0) + (t_first - t_prefilled)
-        by_prompt: list[list[Completion]] = [[] for _ in ids]
-        finished = [t_first] * len(ids)
+        adm = Admission(t0, prefill_s=t_prefilled - t_packed, first=t_first,
+                        overhead_s=(t_packed - t0) + (t_first - t_prefilled), pack_prompts=len(ids),
+                        pack_rows=packed.num_rows, pack_efficiency=packed.efficiency)
+        by_prompt: list[list] = [[] for _ in ids]
         for s, (p, d) in enumerate(zip(prompt_of, decoded)):
-            by_prompt[p].append(self.completion(len(by_prompt[p]), d))
-            finished[p] = max(finished[p], d.finished_at)
-        out = []
-        for p, outputs in enumerate(by_prompt):
-            c = outputs[0]
-            out.append(GenerationResult(
-                text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
-                num_input_tokens=len(ids[p]), num_generated_tokens=sum(len(o.token_ids) for o in outputs),
-                prefill_s=t_prefilled - t_packed, ttft_s=t_first - start, queue_s=t0 - start,
-                decode_s=max(0.0, finished[p] - t_first), overhead_s=overhead,
-                pack_prompts=len(ids), pack_rows=packed.num_rows, pack_efficiency=packed.efficiency,
-                stop_reason=c.stop_reason, logprobs=c.logprobs, outputs=outputs))
-        return out
-
-    def completion(self, index: int, d) -> Completion:
-        """A decoded sequence -> its Completion: text without the stop token (vLLM) or stop string."""
-        tokens = d.token_ids
-        if d.finish_reason == "stop" and d.stop_at is None:  # ended by EOS or a stop token id
-            tokens = tokens[:-1]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if d.stop_at is not None:
-            text = text[: d.stop_at]
-        return Completion(index, text, d.token_ids, d.finish_reason, d.stop_reason, d.logprobs)
+            by_prompt[p].append((len(by_prompt[p]), d))
+        return [self.result(ids[p], adm, done, start) for p, done in enumerate(by_prompt)]
 
 
 def _per_prompt(sampling, n: int) -> list[SamplingParams]:

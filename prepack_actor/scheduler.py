@@ -23,6 +23,7 @@ from .core.block_cache import BlockCache
 from .core.decode import Decoded
 from .core.finish import EOS, LENGTH, RUNNING, STOP_ID, Finisher
 from .core.sampling import Logprob, Sampler, SamplingParams, Step
+from .outputs import Admission
 
 ADMIT_FRACTION = 8  # admit when at least max_num_seqs // ADMIT_FRACTION slots are free (docs/decode.md)
 
@@ -103,18 +104,6 @@ class Batch:
             self.finisher.select(idx)
             d = idx.to(self.last.device)
             self.last, self.positions = self.last[d], self.positions[d]
-
-
-@dataclass
-class Admission:
-    """One packed prefill of admitted prompts: the timings its prompts report."""
-    start: float  # perf_counter() when packing began
-    prefill_s: float = 0.0
-    first: float = 0.0  # perf_counter() at the first tokens
-    overhead_s: float = 0.0  # packing + cache fill + first sampling
-    pack_prompts: int = 0
-    pack_rows: int = 0
-    pack_efficiency: float = 1.0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .capability import UNPACKED
 from .core.decode import Decoded
 from .core.packing import pad_left
 from .core.sampling import SamplingParams, Sampler, expand
+from .outputs import Admission, generation_result
 
 
 class SamplerProcessor(LogitsProcessor):
@@ -73,12 +74,11 @@ def prefill(engine, ids: list[list[int]], padded: bool) -> torch.Tensor:
 @torch.inference_mode()
 def generate(engine, ids: list[list[int]], params: list[SamplingParams], padded: bool) -> list:
     """One GenerationResult per prompt, in input order, through HF generate."""
-    from .engine import GenerationResult
-
     seqs, prompt_of = expand(params)  # one SamplingParams (n = 1) per sequence
     rows = [ids[p] for p in prompt_of]
     decoded: list[Decoded | None] = [None] * len(seqs)
-    wall = [0.0] * len(seqs)
+    # One HF generate call is not split into prefill and decode: TTFT is the whole call.
+    adm = [Admission(float("inf"), pack_prompts=1, pack_rows=1) for _ in ids]
     for batch in _batches([len(r) for r in rows], padded, engine.config.max_group_prompts):
         t0 = time.perf_counter()
         sampler = Sampler([seqs[s] for s in batch], engine.device, [rows[s] for s in batch], engine.stops.eos_ids)
@@ -91,21 +91,14 @@ def generate(engine, ids: list[list[int]], params: list[SamplingParams], padded:
             decoded[s] = _stopped(engine, [int(st.tokens[b]) for st in processor.steps],
                                   [st.logprobs[b] for st in processor.steps] if processor.steps[0].logprobs else None,
                                   seqs[s], now)
-            wall[s] = now - t0
+            a = adm[prompt_of[s]]
+            a.start, a.first = min(a.start, t0), max(a.first, now)
     by_prompt: list[list] = [[] for _ in ids]
     for s, p in enumerate(prompt_of):
-        by_prompt[p].append(engine.completion(len(by_prompt[p]), decoded[s]))
-    out = []
-    for p, outputs in enumerate(by_prompt):
-        c = outputs[0]
-        took = max(w for s, w in enumerate(wall) if prompt_of[s] == p)
-        out.append(GenerationResult(
-            text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason, num_input_tokens=len(ids[p]),
-            num_generated_tokens=sum(len(o.token_ids) for o in outputs),
-            prefill_s=0.0, ttft_s=took, decode_s=0.0, overhead_s=0.0,  # one HF generate call: not split
-            pack_prompts=1, pack_rows=1, pack_efficiency=1.0,
-            stop_reason=c.stop_reason, logprobs=c.logprobs, outputs=outputs, engine_path=UNPACKED))
-    return out
+        by_prompt[p].append(decoded[s])
+    # start = each prompt's own call start: queueing is not measured on this path (ttft = its call).
+    return [generation_result(engine.tokenizer, len(ids[p]), by_prompt[p], adm[p], adm[p].start, UNPACKED)
+            for p in range(len(ids))]
 
 
 def _stopped(engine, tokens: list[int], logprobs, params: SamplingParams, now: float) -> Decoded:

@@ -7,8 +7,9 @@ from dataclasses import asdict, replace
 import pyarrow as pa
 
 from ..core.sampling import SamplingParams
-from ..engine import Completion, Engine, EngineConfig, GenerationResult
+from ..engine import Engine, EngineConfig
 from ..inputs import BadInput, encode_prompt
+from ..outputs import Completion, GenerationResult
 from .config import PackingConfig, PromptsConfig, SamplingConfig
 from .rows import carried, derived_seed
 from .task import Task

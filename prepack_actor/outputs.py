@@ -1,0 +1,106 @@
+"""What a generate call returns (vLLM's RequestOutput / CompletionOutput in prepack's terms),
+the stop rules that end a sequence, and the one function every path (block decode, the
+left-padded reference, unpacked HF generate) builds its results with."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .capability import PACKED
+from .core.decode import Decoded
+from .core.sampling import Logprob, SamplingParams
+
+
+@dataclass
+class Completion:
+    """One of a prompt's n completions (vLLM's CompletionOutput)."""
+    index: int  # 0 .. n-1; sequence i is seeded by sampling.sequence_seeds(seed, n)[i]
+    text: str  # generated text, special tokens skipped, without the stop string or stop token
+    token_ids: list[int]  # generated token ids (the EOS or stop token id that ended it included)
+    finish_reason: str  # "stop" (EOS, stop token id or stop string) | "length" (max_new_tokens)
+    stop_reason: str | int | None  # the stop string or stop token id that ended it; None otherwise (EOS too)
+    logprobs: list[dict[int, Logprob]] | None  # per token: chosen token first, then the top k (when asked)
+
+
+@dataclass
+class GenerationResult:
+    text: str  # outputs[0].text: generated text, special tokens skipped, cut before a stop string
+    token_ids: list[int]  # outputs[0].token_ids (EOS included when it ended the prompt)
+    finish_reason: str  # outputs[0].finish_reason: "stop" (EOS, stop id or string) | "length"
+    num_input_tokens: int
+    num_generated_tokens: int  # over all n completions
+    prefill_s: float  # forward pass over the packed prompts this prompt was prefilled with
+    ttft_s: float  # hand-over (the generate call's start) to this prompt's first token
+    decode_s: float  # first token to this prompt's last token
+    overhead_s: float  # packing + cache fill + first sampling of its prefill
+    pack_prompts: int  # prompts in the group (rows before packing)
+    pack_rows: int  # packed rows after packing
+    pack_efficiency: float  # real tokens / packed slots, in (0, 1]
+    stop_reason: str | int | None = None  # outputs[0].stop_reason
+    logprobs: list[dict[int, Logprob]] | None = None  # outputs[0].logprobs
+    outputs: list[Completion] = field(default_factory=list)  # all n completions (SamplingParams.n)
+    engine_path: str = "packed"  # "packed" | "packed_bucketed" | "unpacked" (capability.py)
+    queue_s: float = 0.0  # hand-over to the start of this prompt's prefill (waiting for a slot)
+
+
+@dataclass
+class Admission:
+    """One prefill of prompts (a packed pass, or one HF generate call): the timings its prompts report."""
+    start: float  # perf_counter() when packing began
+    prefill_s: float = 0.0
+    first: float = 0.0  # perf_counter() at the first tokens
+    overhead_s: float = 0.0  # packing + cache fill + first sampling
+    pack_prompts: int = 0
+    pack_rows: int = 0
+    pack_efficiency: float = 1.0
+
+
+class StopChecker:
+    """EOS ids, stop token ids and stop strings, none before min_tokens (vLLM's rules);
+    decodes text only for sequences that have stop strings."""
+
+    def __init__(self, tokenizer, eos_ids: set[int]):
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+
+    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None, str | int | None]:
+        """-> (stopped, char offset of the stop string or None, stop reason)."""
+        if len(tokens) <= params.min_tokens:
+            return False, None, None
+        if not params.ignore_eos and tokens[-1] in self.eos_ids:
+            return True, None, None
+        if tokens[-1] in params.stop_token_ids:
+            return True, None, tokens[-1]
+        if params.stop:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            # Only a stop string that ends after the first min_tokens tokens counts (vLLM).
+            after = len(self.tokenizer.decode(tokens[:params.min_tokens], skip_special_tokens=True)) \
+                if params.min_tokens else 0
+            hits = [(i, s) for s in params.stop if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
+            if hits:
+                return True, *min(hits)
+        return False, None, None
+
+
+def completion(tokenizer, index: int, d: Decoded) -> Completion:
+    """A decoded sequence -> its Completion: text without the stop token (vLLM) or stop string."""
+    tokens = d.token_ids
+    if d.finish_reason == "stop" and d.stop_at is None:  # ended by EOS or a stop token id
+        tokens = tokens[:-1]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if d.stop_at is not None:
+        text = text[: d.stop_at]
+    return Completion(index, text, d.token_ids, d.finish_reason, d.stop_reason, d.logprobs)
+
+
+def generation_result(tokenizer, num_input_tokens: int, decoded: list[Decoded], adm: Admission, start: float,
+                      engine_path: str = PACKED) -> GenerationResult:
+    """One prompt's result from its n decoded sequences (in sequence order) and the prefill
+    that admitted it; start: the hand-over time (the generate call's start)."""
+    outputs = [completion(tokenizer, i, d) for i, d in enumerate(decoded)]
+    c, last = outputs[0], max(d.finished_at for d in decoded)
+    return GenerationResult(
+        text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason, num_input_tokens=num_input_tokens,
+        num_generated_tokens=sum(len(o.token_ids) for o in outputs), prefill_s=adm.prefill_s,
+        ttft_s=adm.first - start, decode_s=max(0.0, last - adm.first), overhead_s=adm.overhead_s,
+        pack_prompts=adm.pack_prompts, pack_rows=adm.pack_rows, pack_efficiency=adm.pack_efficiency,
+        stop_reason=c.stop_reason, logprobs=c.logprobs, outputs=outputs, queue_s=adm.start - start,
+        engine_path=engine_path)
