@@ -6,7 +6,7 @@ sliding windows (keys at positions > p - window for the query at p). Soft-cappin
 are refused upstream (forward.varlen_refusal): those models decode on the left-padded path.
 
 Kernels (docs/decode.md has the measurements):
-  cpu "loop"   one sdpa per row over a view of its contiguous slot range (BlockCache
+  cpu "loop"   per row two bmm over views of its contiguous slot range (BlockCache
                reserves a run of blocks per sequence): reads exactly the real keys, copies
                nothing. Default.
   cpu "bucket" rows sorted by key count and cut into buckets whose padding stays within
@@ -121,13 +121,19 @@ def head_order(key: torch.Tensor, value: torch.Tensor, k: torch.Tensor, v: torch
 
 
 def _loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:
-    """q [B, H, 1, D] -> [B, 1, H, D]: one sdpa per row over views [1, Hkv, n, D] of its keys."""
-    gqa = k.shape[1] != q.shape[1]
-    out = q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
-    for b, (s, e) in enumerate(p.ranges):
-        out[b] = F.scaled_dot_product_attention(q[b:b + 1], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
-                                                scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
-    return out
+    """q [B, H, 1, D] -> [B, 1, H, D]: per row two small matmuls over views of its keys. A
+    row's G query heads of one kv head form a [Hkv, G, D] block, so GQA reads each key once
+    without repeating it; softmax in fp32 as HF's eager attention. Cheaper per row than an
+    sdpa call, whose dispatch costs more than the work at decode sizes (docs/decode.md)."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qg = (q * scale).reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+    kt, vt = k.permute(1, 2, 0), v.transpose(0, 1)  # [Hkv, D, slots], [Hkv, slots, D] (views)
+    out = q.new_empty(b, hkv, h // hkv, d)
+    for i, (s, e) in enumerate(p.ranges):
+        scores = torch.bmm(qg[i], kt[:, :, s:e])  # [Hkv, G, n]
+        out[i] = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), vt[:, s:e])
+    return out.view(b, 1, h, d)
 
 
 def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:
