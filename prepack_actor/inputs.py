@@ -177,6 +177,13 @@ def encode_ids(tokenizer, strings: Sequence[str], add_special_tokens: bool = Tru
     return [ids[s] for s in strings]
 
 
+def prefix_token(tokenizer) -> int:
+    """lm-eval HFLM's prefix token: BOS, else EOS (conditions an empty context or a
+    document's first rolling window)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """lm-eval's `_encode_pair` for (context, continuation) string pairs, batched: trailing
     whitespace of the context moves onto the continuation; the context is encoded alone and

@@ -37,7 +37,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from .core.params import SamplingParams
 from .engine import Engine, EngineConfig
-from .inputs import encode_ids, encode_pairs
+from .inputs import encode_ids, encode_pairs, prefix_token
 from .loglik import Request, rolling_requests
 from .models import load_model, resolve_model_path
 from .scoring import ScoreConfig, Scorer
@@ -89,8 +89,7 @@ class PrepackLM(TemplateLM):
         """HFLM's: a custom id, else BOS, else EOS (conditions an empty context or a document's first window)."""
         if self.custom_prefix_token_id is not None:
             return self.custom_prefix_token_id
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.tokenizer.eos_token_id
+        return prefix_token(self.tokenizer)
 
     @property
     def max_length(self) -> int:

@@ -217,6 +217,21 @@ def rolling_requests(tokens: list[int], prefix_token: int, max_length: int) -> l
     return out
 
 
+@dataclass
+class RollingDoc:
+    """A whole document as lm-eval's loglikelihood_rolling scores it: its disjoint windows."""
+    windows: list[Request]  # rolling_requests of the document's tokens
+    length: int  # the document's tokens, each scored once
+
+    def num_tokens(self, shared: bool = True) -> int:
+        """Tokens laid out: each window's input (context + continuation but its last token)."""
+        return sum(len(w.context) + len(w.continuation) - 1 for w in self.windows)
+
+
+def rolling_doc(tokens: list[int], prefix_token: int, max_length: int) -> RollingDoc:
+    return RollingDoc(rolling_requests(tokens, prefix_token, max_length), len(tokens))
+
+
 def rolling_loglikelihood(runner, documents: Sequence[list[int]], prefix_token: int, max_length: int,
                           config: LoglikConfig | None = None) -> list[float]:
     """Total log-likelihood of each token document (lm-eval's loglikelihood_rolling)."""

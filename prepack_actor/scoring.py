@@ -28,7 +28,7 @@ from .capability import PACKED
 from .core.forward import enable_varlen
 from .core.grouping import GroupConfig
 from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item, encode_items
-from .loglik import Loglik, LoglikConfig, Request, loglikelihood, score_group
+from .loglik import Loglik, LoglikConfig, Request, RollingDoc, loglikelihood, score_group
 from .models import ModelRunner, on_kernels
 
 MODES = ("shared", "simple")
@@ -169,25 +169,40 @@ class Scorer(ModelRunner):
         """Item indices in groups under the budgets, longest first (similar lengths pack well)."""
         return self.config.groups(sizes)
 
-    def score_group(self, prepared: list[tuple[ScoreItem, EncodedItem]]) -> list[ScoreResult]:
-        """One group: its (prompt, choice) requests through loglik.score_group, then decisions per item."""
-        requests = [Request(enc.context, c) for _, enc in prepared for c in enc.continuations]
-        lls, stats = score_group(self, requests, self.loglik)
+    def score_group(self, prepared: list[tuple[ScoreItem | None, EncodedItem | RollingDoc]]) -> list[ScoreResult]:
+        """One group: its requests (an item's (prompt, choice) pairs, a document's rolling
+        windows) through loglik.score_group in one or two passes, then the results per entry."""
+        lls, stats = score_group(self, [r for _, enc in prepared for r in requests_of(enc)], self.loglik)
         shared = self.config.mode == "shared"
         out, k = [], 0
         for item, enc in prepared:
-            n = len(item.choices)
-            mine = lls[k:k + n]
-            k += n
-            lps, nts = [r.logprob for r in mine], [r.num_tokens for r in mine]
+            n = len(requests_of(enc))
             tokens = enc.num_tokens(shared)
             out.append(ScoreResult(
-                choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=[r.is_greedy for r in mine],
-                **decide(lps, nts, item.choices, item.answer, self.config.length_norm, self.config.target_delimiter),
-                num_tokens=tokens, shared=shared and n > 1,
+                **scores(item, enc, lls[k:k + n], self.config), num_tokens=tokens,
+                shared=shared and item is not None and len(item.choices) > 1,
                 prefill_s=stats.forward_s * tokens / max(1, stats.tokens), pack_units=stats.units,
                 pack_rows=stats.rows, pack_efficiency=stats.efficiency))
+            k += n
         return out
+
+
+def requests_of(enc: EncodedItem | RollingDoc) -> list[Request]:
+    """What an entry scores: an item's (prompt, choice) pairs, or a document's rolling windows."""
+    if isinstance(enc, RollingDoc):
+        return enc.windows
+    return [Request(enc.context, c) for c in enc.continuations]
+
+
+def scores(item: ScoreItem | None, enc: EncodedItem | RollingDoc, lls: list[Loglik], config: ScoreConfig) -> dict:
+    """ScoreResult's score fields from the entry's request results: per choice with the
+    decisions, or for a document one total (lm-eval's loglikelihood_rolling) over its tokens."""
+    if isinstance(enc, RollingDoc):
+        return {"choice_logprobs": [sum(r.logprob for r in lls)], "choice_num_tokens": [enc.length],
+                "choice_is_greedy": [all(r.is_greedy for r in lls)]}
+    lps, nts = [r.logprob for r in lls], [r.num_tokens for r in lls]
+    return {"choice_logprobs": lps, "choice_num_tokens": nts, "choice_is_greedy": [r.is_greedy for r in lls],
+            **decide(lps, nts, item.choices, item.answer, config.length_norm, config.target_delimiter)}
 
 
 def score(model, tokenizer, items: Sequence[Mapping[str, Any] | ScoreItem], mode: str | None = None,

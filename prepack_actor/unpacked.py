@@ -133,18 +133,16 @@ def loglikelihood(model, requests: list) -> list:
 
 
 def score(scorer, prepared: list) -> list:
-    """ScoreResults for (ScoreItem, EncodedItem) pairs: each (prompt, choice) pair its own forward."""
-    from .loglik import Request
-    from .scoring import ScoreResult, decide
+    """ScoreResults for (ScoreItem | None, EncodedItem | RollingDoc) entries: each request its own forward."""
+    from .scoring import ScoreResult, requests_of, scores
 
     out = []
     for item, enc in prepared:
         t0 = scorer.now()
-        ls = loglikelihood(scorer.model, [Request(enc.context, c) for c in enc.continuations])
-        lps, nts = [x.logprob for x in ls], [x.num_tokens for x in ls]
+        requests = requests_of(enc)
+        ls = loglikelihood(scorer.model, requests)
         out.append(ScoreResult(
-            choice_logprobs=lps, choice_num_tokens=nts, choice_is_greedy=[x.is_greedy for x in ls],
-            **decide(lps, nts, item.choices, item.answer, scorer.config.length_norm, scorer.config.target_delimiter),
-            num_tokens=sum(len(enc.context) + n for n in nts), shared=False, prefill_s=scorer.now() - t0,
-            pack_units=len(nts), pack_rows=len(nts), pack_efficiency=1.0, engine_path=UNPACKED))
+            **scores(item, enc, ls, scorer.config), num_tokens=sum(len(r.context) + len(r.continuation) for r in requests),
+            shared=False, prefill_s=scorer.now() - t0, pack_units=len(ls), pack_rows=len(ls), pack_efficiency=1.0,
+            engine_path=UNPACKED))
     return out

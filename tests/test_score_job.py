@@ -17,7 +17,8 @@ from prepack_actor.job.summary import SummaryAccumulator
 from prepack_actor.models import load_model
 from prepack_actor.scoring import ScoreResult, decide, score
 
-TASK = ScoreTask(ScoringConfig(mode="shared"))
+ROLLING_MAX = 16  # scoring.max_length in these runs: the longer document spans several windows
+TASK = ScoreTask(ScoringConfig(mode="shared", max_length=ROLLING_MAX))
 output_row, to_table = TASK.output_row, TASK.to_table
 
 
@@ -39,7 +40,14 @@ BAD = [  # (line, expected error_kind)
 ]
 UNJUDGED = {"id": "no-answer", "prompt": "The sky is", "choices": [" blue", " green"], "extra": 7}
 REQUEST = {"id": "request", "request_type": "loglikelihood", "prompt": "The sky is", "continuation": " green"}
+ROLLING = [  # lm-eval loglikelihood_rolling requests: the prompt is the whole document
+    {"id": "doc-long", "request_type": "loglikelihood_rolling",
+     "prompt": "The quick brown fox jumps over the lazy dog. " * 6 + "Then it naps in the sun until evening."},
+    {"id": "doc-short", "request_type": "loglikelihood_rolling", "prompt": "Hello world"},
+]
 BAD_REQUESTS = [  # (row, expected error_kind): lm-eval-style rows that cannot be scored
+    ({"id": "req-rolling-cont", "request_type": "loglikelihood_rolling", "prompt": "x", "continuation": " y"},
+     "bad_request"),
     ({"id": "req-generate", "request_type": "generate_until", "prompt": "x", "continuation": " y"}, "bad_request"),
     ({"id": "req-empty", "request_type": "loglikelihood", "prompt": "x", "continuation": ""}, "bad_request"),
     ({"id": "req-both", "request_type": "loglikelihood", "prompt": "x", "continuation": " y", "choices": [" y"]},
@@ -49,14 +57,15 @@ BAD_REQUESTS = [  # (row, expected error_kind): lm-eval-style rows that cannot b
 
 def write_input(path: Path) -> Path:
     lines = [json.dumps(r) for r in GOOD[:4]] + [b for b, _ in BAD] + [json.dumps(UNJUDGED)] + \
-            [json.dumps(r) for r in GOOD[4:]] + [json.dumps(REQUEST)] + [json.dumps(r) for r, _ in BAD_REQUESTS]
+            [json.dumps(r) for r in GOOD[4:]] + [json.dumps(REQUEST)] + [json.dumps(r) for r in ROLLING] + \
+            [json.dumps(r) for r, _ in BAD_REQUESTS]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def check_rows(rows: list[dict], model, tok) -> None:
     """Behaviour shared by the direct and the Ray Data runs."""
-    n_in = len(GOOD) + len(BAD) + 2 + len(BAD_REQUESTS)
+    n_in = len(GOOD) + len(BAD) + 2 + len(ROLLING) + len(BAD_REQUESTS)
     assert len(rows) == n_in and len({r["id"] for r in rows}) == n_in  # rows in = rows out
     by_id = {r["id"]: r for r in rows}
     for line, kind in BAD:
@@ -80,6 +89,24 @@ def check_rows(rows: list[dict], model, tok) -> None:
     assert req["is_greedy"] == by_id["no-answer"]["choice_is_greedy"][1]
     for row, kind in BAD_REQUESTS:
         assert by_id[row["id"]]["error_kind"] == kind and by_id[row["id"]]["loglikelihood"] is None
+    check_rolling(by_id, model, tok)
+
+
+def check_rolling(by_id: dict, model, tok) -> None:
+    """Rolling rows equal lm-eval HFLM's loglikelihood_rolling at the same max_length."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, logits_cache=False)
+    hf._max_length = ROLLING_MAX
+    expected = hf.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (r["prompt"],), 0) for r in ROLLING],
+                                        disable_tqdm=True)
+    for r, exp in zip(ROLLING, expected):
+        row = by_id[r["id"]]
+        assert row["error"] is None and row["request_type"] == "loglikelihood_rolling" and row["pred"] is None
+        assert abs(row["loglikelihood"] - exp) < 1e-4 * max(1.0, abs(exp) / 10), (r["id"], row["loglikelihood"], exp)
+        assert row["choice_num_tokens"] == [len(hf.tok_encode(r["prompt"]))]
+    assert by_id["doc-long"]["choice_num_tokens"][0] > 2 * ROLLING_MAX  # several windows
 
 
 def test_actor_scores_groups_and_passes_error_rows(tiny_model_dir, tmp_path):
@@ -90,7 +117,7 @@ def test_actor_scores_groups_and_passes_error_rows(tiny_model_dir, tmp_path):
     assert len(groups["rows"]) >= 3  # the budget cuts the good rows into several groups
     actor = PrepackActor(ProcessorConfig(task="score", model=ModelConfig(
         path=path, cache_dir=str(tmp_path), dtype="float32", device="cpu"),
-        packing=PackingConfig(max_group_tokens=600), scoring=ScoringConfig(mode="shared")))
+        packing=PackingConfig(max_group_tokens=600), scoring=ScoringConfig(mode="shared", max_length=ROLLING_MAX)))
     out = [r for blob in groups["rows"] for r in actor.run_group(unpack_group(blob))]
     check_rows(to_table(out).to_pylist(), model, tok)
 
@@ -117,6 +144,8 @@ def test_config_rejects_bad_scoring_keys():
     assert cfg.scoring.mode == "simple" and cfg.output.path == "outputs/score"
     with pytest.raises(ConfigError, match="scoring.mode"):
         load_config(ScoreJobConfig, ["scoring.mode=tree"], ROOT / "conf" / "score.yaml")
+    with pytest.raises(ConfigError, match="scoring.max_length"):
+        load_config(ScoreJobConfig, ["scoring.max_length=0"], ROOT / "conf" / "score.yaml")
     with pytest.raises(ConfigError, match="nope"):
         load_config(ScoreJobConfig, ["scoring.nope=1"], ROOT / "conf" / "score.yaml")
 
@@ -132,7 +161,7 @@ def test_job_through_ray_data(tiny_model_dir, tmp_path, ray_local):
     out = tmp_path / "out"
     summary = job.main([f"model.path={path}", f"input.path={write_input(tmp_path / 'in.jsonl')}",
                         f"output.path={out}", "output.format=jsonl", "model.dtype=float32",
-                        "packing.max_group_tokens=700"])  # ray_local: a private 2-CPU Ray
+                        "packing.max_group_tokens=700", f"scoring.max_length={ROLLING_MAX}"])  # ray_local: 2-CPU Ray
     rows = [r for t in read_output(str(out), "jsonl") for r in t.to_pylist()]
     check_rows(rows, model, tok)
     judged = [r for r in rows if r["correct"] is not None]

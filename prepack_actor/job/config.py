@@ -219,10 +219,13 @@ NORMS = ("chars", "tokens")
 class ScoringConfig:
     mode: str = "shared"  # shared (one unit per distinct prompt, choices read from it) | simple (pair per segment)
     length_norm: str = "chars"  # pred_norm divides by choice chars (lm-eval acc_norm) | tokens
+    max_length: Optional[int] = None  # loglikelihood_rolling windows in tokens (lm-eval's max_length), >= 1; null = the model's context
 
     def __post_init__(self):
         _choice("scoring.mode", self.mode, MODES)
         _choice("scoring.length_norm", self.length_norm, NORMS)
+        if self.max_length is not None:
+            _at_least("scoring.max_length", self.max_length, 1)
 
 
 TASKS = ("generate", "score")

@@ -4,8 +4,12 @@ Two row formats, side by side in one input:
 - item: {id, prompt, choices: [str, ...], answer?: int} -> per choice log-likelihood, is_greedy,
   then pred / pred_norm / correct;
 - request (lm-eval's `loglikelihood` request): {id, request_type: "loglikelihood", prompt (the
-  context), continuation} -> `loglikelihood` and `is_greedy` (also as one-choice lists).
-A row that is neither (or an unknown request_type) is an error row, never dropped.
+  context), continuation} -> `loglikelihood` and `is_greedy` (also as one-choice lists);
+- rolling request (lm-eval's `loglikelihood_rolling`): {id, request_type: "loglikelihood_rolling",
+  prompt (the document)} -> `loglikelihood` of the whole document over lm-eval's disjoint
+  windows of `scoring.max_length` tokens, `is_greedy` (every token the argmax), and its token
+  count in `choice_num_tokens`.
+A row that is none of these (or an unknown request_type) is an error row, never dropped.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import pyarrow as pa
 
 from .. import unpacked
 from ..capability import PACKED
-from ..inputs import BadInput
+from ..inputs import BadInput, encode_ids, prefix_token
+from ..loglik import rolling_doc
 from ..scoring import ScoreConfig, Scorer, ScoreResult, prepare
 from .config import PackingConfig, ScoringConfig
 from .rows import carried
@@ -46,8 +51,24 @@ class ScoreTask(Task):
         """Validate an item or a request and tokenize with lm-eval's rule (inputs.encode_items)."""
         if row["prompt"] is None:
             raise BadInput("bad_prompt", "scoring needs a 'prompt' string (chat 'messages' are not scored)")
+        carry = carried(row)
+        if request_type(row) == ROLLING and "continuation" not in carry and "choices" not in carry:
+            return self.prepare_document(row["prompt"], tokenizer, max_context)
         item, enc = prepare(tokenizer, as_item(row), max_context, self.pack_capacity)
         return {"num_input_tokens": enc.num_tokens(self.scoring.mode == "shared"), "payload": (item, enc)}
+
+    def prepare_document(self, text: str, tokenizer, max_context: int | None) -> dict:
+        """A rolling request: the document tokenized as lm-eval's HFLM does, cut into its windows."""
+        max_length = self.scoring.max_length or max_context or DEFAULT_MAX_LENGTH
+        if max_context is not None and max_length > max_context:
+            raise BadInput("too_long", f"scoring.max_length {max_length} > the model's context {max_context}")
+        if self.pack_capacity is not None and max_length > self.pack_capacity:
+            raise BadInput("too_long", f"rolling windows of {max_length} tokens > pack_capacity {self.pack_capacity}")
+        tokens = encode_ids(tokenizer, [text])[0]
+        if not tokens:
+            raise BadInput("bad_prompt", "the document has no tokens to score")
+        doc = rolling_doc(tokens, prefix_token(tokenizer), max_length)
+        return {"num_input_tokens": doc.num_tokens(), "payload": (None, doc)}
 
     def runner(self, model, tokenizer, packing: PackingConfig) -> Scorer:
         return Scorer(model, tokenizer, ScoreConfig(
@@ -93,6 +114,19 @@ class ScoreTask(Task):
                 "prefill_tokens_per_s": round(tokens_in / prefill_s, 2) if prefill_s > 0 else None}
 
 
+ROLLING = "loglikelihood_rolling"
+REQUEST_TYPES = ("loglikelihood", ROLLING)
+DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's max_length when neither the config nor the tokenizer says
+
+
+def request_type(row: dict) -> str | None:
+    """None for an item; the lm-eval request type of a request row (checked by as_item)."""
+    carry = carried(row)
+    if "request_type" not in carry and "continuation" not in carry:
+        return None
+    return carry.get("request_type", "loglikelihood")
+
+
 def as_item(row: dict) -> dict:
     """A parsed row as an item: request rows become one-choice items with no answer."""
     carry = carried(row)
@@ -102,8 +136,11 @@ def as_item(row: dict) -> dict:
         raise BadInput("bad_request", "a row has 'choices' (an item) or 'request_type'/'continuation' (a request), "
                                       "not both")
     kind = carry.get("request_type", "loglikelihood")
-    if kind != "loglikelihood":
-        raise BadInput("bad_request", f"request_type {kind!r} is not scored here (only 'loglikelihood')")
+    if kind not in REQUEST_TYPES:
+        raise BadInput("bad_request", f"request_type {kind!r} is not scored here (one of {REQUEST_TYPES})")
+    if kind == ROLLING:
+        raise BadInput("bad_request", "a loglikelihood_rolling row scores its whole 'prompt'; "
+                                      "it takes no 'continuation'")
     cont = carry.get("continuation")
     if not isinstance(cont, str) or not cont:
         raise BadInput("bad_request", f"'continuation' must be a non-empty string, got {cont!r}")
