@@ -130,9 +130,11 @@ def _loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: flo
     qg = (q * scale).reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
     kt, vt = k.permute(1, 2, 0), v.transpose(0, 1)  # [Hkv, D, slots], [Hkv, slots, D] (views)
     out = q.new_empty(b, hkv, h // hkv, d)
+    fp32 = v.dtype == torch.float32
     for i, (s, e) in enumerate(p.ranges):
         scores = torch.bmm(qg[i], kt[:, :, s:e])  # [Hkv, G, n]
-        out[i] = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), vt[:, s:e])
+        weights = scores.softmax(-1) if fp32 else scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+        out[i] = torch.bmm(weights, vt[:, s:e])
     return out.view(b, 1, h, d)
 
 
