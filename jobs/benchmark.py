@@ -26,7 +26,7 @@ from prepack_actor.bench.largest import largest_batch  # noqa: E402
 from prepack_actor.bench.measure import interleaved, prepare_cpu_allocator, use_clock  # noqa: E402
 from prepack_actor.bench.methods import VARLEN_METHODS, capacity_rule, prefill_runner  # noqa: E402
 from prepack_actor.bench.workload import dataset_name, make_workload, predictors, read_prompts  # noqa: E402
-from prepack_actor.job.config import config_or_exit, to_dict  # noqa: E402
+from prepack_actor.job.config_file import config_or_exit, to_dict  # noqa: E402
 from prepack_actor.models import load_model  # noqa: E402
 from prepack_actor.tiny import build_tiny_model  # noqa: E402
 

@@ -14,7 +14,8 @@ from prepack_actor.bench.config import BenchmarkConfig
 from prepack_actor.bench.measure import PeakMemory, interleaved, summarize
 from prepack_actor.bench.workload import (batch_size_reduction, ideal_speedup, make_workload,
                                           max_abs_deviation, predictors)
-from prepack_actor.job.config import ConfigError, load_config
+from prepack_actor.job.config import ConfigError
+from prepack_actor.job.config_file import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from prepack_actor.job.config import ConfigError, GenerateConfig, load_config, to_dict
+from prepack_actor.job.config import ConfigError, GenerateConfig
+from prepack_actor.job.config_file import load_config, to_dict
 
 from job_helpers import REPO
 

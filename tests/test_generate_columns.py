@@ -119,7 +119,8 @@ def test_output_columns_have_one_schema(setup):
 
 
 def test_sampling_config_keys_are_checked_by_name():
-    from prepack_actor.job.config import ConfigError, GenerateConfig, load_config
+    from prepack_actor.job.config import ConfigError, GenerateConfig
+    from prepack_actor.job.config_file import load_config
     cfg = load_config(GenerateConfig, ["sampling.n=3", "sampling.logprobs=2", "sampling.stop_token_ids=[5,6]",
                                        "sampling.repetition_penalty=1.1"], None)
     assert (cfg.sampling.n, cfg.sampling.logprobs, cfg.sampling.stop_token_ids) == (3, 2, [5, 6])

@@ -15,7 +15,8 @@ from prepack_actor import Engine, SamplingParams, load_model
 from prepack_actor.job.actor import PrepackActor
 from prepack_actor.job.carry import carried_conflicts, carried_record, is_json
 from prepack_actor.job.config import (ConfigError, GenerateConfig, ModelConfig, PackingConfig, ProcessorConfig,
-                                      PromptsConfig, SamplingConfig, load_config)
+                                      PromptsConfig, SamplingConfig)
+from prepack_actor.job.config_file import load_config
 from prepack_actor.job.generate import GenerateTask
 from prepack_actor.job.lease import LEASE_NAME, Lease, LeaseError, acquire_lease
 from prepack_actor.job.paths import path_conflict

@@ -9,7 +9,8 @@ import pytest
 
 from prepack_actor.job.actor import PrepackActor
 from prepack_actor.job.config import (ConfigError, ModelConfig, PackingConfig, ProcessorConfig, ScoreJobConfig,
-                                      ScoringConfig, load_config)
+                                      ScoringConfig)
+from prepack_actor.job.config_file import load_config
 from prepack_actor.job.rows import make_groups, parse_jsonl_shard, unpack_group
 from prepack_actor.job.score import ScoreTask
 from prepack_actor.job.storage import read_output

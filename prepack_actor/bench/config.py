@@ -1,4 +1,4 @@
-"""The benchmark job's typed config; loaded by prepack_actor.job.config.load_config."""
+"""The benchmark job's typed config; loaded by prepack_actor.job.config_file.load_config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import config_or_exit
+from .config_file import config_or_exit
 
 
 def cli(schema: type, argv: list[str], default_yaml: str | Path) -> dict | None:

@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers in forked
 import ray  # noqa: E402
 
 from .carry import CARRIED_NAME, carried_conflicts, carried_record  # noqa: E402
-from .config import ConfigError, to_dict  # noqa: E402
+from .config import ConfigError  # noqa: E402
+from .config_file import to_dict  # noqa: E402
 from .faults import FaultPlan  # noqa: E402
 from .lease import LeaseError, acquire_lease  # noqa: E402
 from .output import prepare_output, skip_done  # noqa: E402
