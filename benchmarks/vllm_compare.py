@@ -27,7 +27,9 @@ in turn (interleaved); medians over repeats. Measured per dataset:
 - keys read per decode step / real keys (prepack; 1.0 = only real keys), and with
   `--leftpad` the same end to end on the left-padded static-group decode (the old path);
 - agreement: prompts whose greedy tokens are identical in both engines, and matching tokens.
-`--max-num-seqs` sets prepack's running batch (EngineConfig.max_num_seqs).
+`--max-num-seqs` sets prepack's running batch (EngineConfig.max_num_seqs). `--threads 2` gives
+prepack both cores of a 2-core machine for compute (vLLM's own layout there uses both cores
+too: its OMP thread on one, its scheduler and front end on the other).
 """
 from __future__ import annotations
 
@@ -121,6 +123,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the varied workload's lengths")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm/bin/python", help="'' skips vLLM")
     ap.add_argument("--out", default="results/vllm_compare.json")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="prepack's torch threads (vLLM picks its own: on 2 cores, one OMP thread on core 0 and "
+                         "core 1 for its scheduler and front end)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="table in CPU seconds (robust on a shared machine; both are saved) or wall seconds")
     args = ap.parse_args()
@@ -130,7 +135,7 @@ def main() -> None:
     from prepack_actor.core.forward import plain_sdpa
     from transformers import DynamicCache
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "prepack_actor.tiny", "--arch", "llama", "--size", "small",

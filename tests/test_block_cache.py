@@ -45,25 +45,29 @@ def test_add_copies_each_prompt_into_its_run_and_finished_runs_are_reused():
 
 @pytest.mark.parametrize("kernel", block_attention.CPU)
 @pytest.mark.parametrize("window", [None, 4])
-def test_kernels_equal_attention_over_each_rows_keys(kernel, window):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_equal_attention_over_each_rows_keys(kernel, window, dtype):
     torch.manual_seed(0)
     lengths = [1, 9, 4, 17, 9]
     c = BlockCache(1, block_size=4)
     layer = c.layers[0]
     runs = [-(-(n + 1) // 4) for n in lengths]
-    layer.keys, layer.values = torch.randn(sum(runs) + 3, 4, 2, 8), torch.randn(sum(runs) + 3, 4, 2, 8)
+    layer.keys, layer.values = torch.randn(sum(runs) + 3, 4, 2, 8, dtype=dtype), torch.randn(sum(runs) + 3, 4, 2, 8,
+                                                                                              dtype=dtype)
     c.runs = [(3 + sum(runs[:i]), r) for i, r in enumerate(runs)]  # not starting at slot 0
     c.lengths = list(lengths)
     c.kernel = kernel
-    q = torch.randn(len(lengths), 6, 1, 8)  # GQA 6 / 2
+    q = torch.randn(len(lengths), 6, 1, 8, dtype=dtype)  # GQA 6 / 2
     out = block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, 8 ** -0.5, window)  # [B, 1, H, D]
     k, v = layer.flat()
     for b, ((first, _), n) in enumerate(zip(c.runs, lengths)):
         s, e = first * 4, first * 4 + n + 1  # the step's new token included
         s = max(s, e - window) if window else s
-        ref = F.scaled_dot_product_attention(q[b:b + 1], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
-                                             enable_gqa=True)
-        torch.testing.assert_close(out[b], ref[0].transpose(0, 1), atol=1e-5, rtol=0)
+        ref = F.scaled_dot_product_attention(q[b:b + 1].float(), k[s:e].transpose(0, 1)[None].float(),
+                                             v[s:e].transpose(0, 1)[None].float(), enable_gqa=True)  # fp32 reference
+        assert out.dtype == dtype
+        torch.testing.assert_close(out[b].float(), ref[0].transpose(0, 1), atol=1e-5 if dtype == torch.float32 else 2e-2,
+                                   rtol=0)
     assert c.keys_real == sum(min(n + 1, window or n + 1) for n in lengths)
     assert c.keys_read <= block_attention.TOLERANCE * c.keys_real
 
