@@ -210,8 +210,9 @@ def measure(args, data, engine, dense, leftpad, ceiling, timed, vllm, gen, runs,
             if name.endswith("-varied"):
                 runs.setdefault(name, {})
                 tokens.setdefault(name, {})
-                gen = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in new_tokens(args, name, len(ids))]
-                e2e(args, name, ids, engine, leftpad, timed, vllm, gen, runs, tokens, rep)
+                # Its own name: rebinding `gen` would give the next repeat's fixed workloads these lengths.
+                varied = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in new_tokens(args, name, len(ids))]
+                e2e(args, name, ids, engine, leftpad, timed, vllm, varied, runs, tokens, rep)
                 continue
             r = runs[name]
             r.setdefault("prepack_prefill", []).append(timed(engine.prefill, ids)[0])
