@@ -74,10 +74,12 @@ def vllm_worker(model: str, fd: int) -> None:
 
 
 class VLLM:
-    def __init__(self, python: str, model: str, log: Path):
+    def __init__(self, python: str, model: str, log: Path, omp_bind: str = ""):
         r, w = os.pipe()
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                    PYTHONPATH="")
+        if omp_bind:  # e.g. "0-1": vLLM's OpenMP threads on both cores (its default on 2 cores: core 0 only)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind
         self.proc = subprocess.Popen([python, __file__, "--vllm-worker", model, str(w)], stdin=subprocess.PIPE,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, pass_fds=(w,), env=env, text=True)
         os.close(w)
@@ -126,6 +128,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="prepack's torch threads (vLLM picks its own: on 2 cores, one OMP thread on core 0 and "
                          "core 1 for its scheduler and front end)")
+    ap.add_argument("--vllm-omp-bind", default="",
+                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM, e.g. 0-1 (both cores); '' = vLLM's auto layout")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="table in CPU seconds (robust on a shared machine; both are saved) or wall seconds")
     args = ap.parse_args()
@@ -172,7 +176,8 @@ def main() -> None:
     gen = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     logs = Path(args.out).parent
     logs.mkdir(parents=True, exist_ok=True)
-    vllm = VLLM(args.vllm_python, str(model_dir.resolve()), logs / "vllm_worker.log") if args.vllm_python else None
+    vllm = VLLM(args.vllm_python, str(model_dir.resolve()), logs / "vllm_worker.log",
+                args.vllm_omp_bind) if args.vllm_python else None
     if vllm:
         print(f"vLLM ready in {vllm.ready_s:.0f} s", flush=True)
     warm = [x[:8] for x in list(data.values())[0][:4]]
