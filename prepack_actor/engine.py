@@ -229,7 +229,7 @@ class Engine(ModelRunner):
                         overhead_s=(t_packed - t0) + (t_first - t_prefilled), pack_prompts=len(ids),
                         pack_rows=packed.num_rows, pack_efficiency=packed.efficiency)
         by_prompt: list[list] = [[] for _ in ids]
-        for s, (p, d) in enumerate(zip(prompt_of, decoded)):
+        for p, d in zip(prompt_of, decoded):
             by_prompt[p].append((len(by_prompt[p]), d))
         return [self.result(ids[p], adm, done, start) for p, done in enumerate(by_prompt)]
 

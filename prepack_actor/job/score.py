@@ -51,10 +51,10 @@ class ScoreTask(Task):
         """Validate an item or a request and tokenize with lm-eval's rule (inputs.encode_items)."""
         if row["prompt"] is None:
             raise BadInput("bad_prompt", "scoring needs a 'prompt' string (chat 'messages' are not scored)")
-        carry = carried(row)
-        if request_type(row) == ROLLING and "continuation" not in carry and "choices" not in carry:
+        item = as_item(row)
+        if item is None:  # a loglikelihood_rolling request
             return self.prepare_document(row["prompt"], tokenizer, max_context)
-        item, enc = prepare(tokenizer, as_item(row), max_context, self.pack_capacity)
+        item, enc = prepare(tokenizer, item, max_context, self.pack_capacity)
         return {"num_input_tokens": enc.num_tokens(self.scoring.mode == "shared"), "payload": (item, enc)}
 
     def prepare_document(self, text: str, tokenizer, max_context: int | None) -> dict:
@@ -119,16 +119,10 @@ REQUEST_TYPES = ("loglikelihood", ROLLING)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's max_length when neither the config nor the tokenizer says
 
 
-def request_type(row: dict) -> str | None:
-    """None for an item; the lm-eval request type of a request row (checked by as_item)."""
-    carry = carried(row)
-    if "request_type" not in carry and "continuation" not in carry:
-        return None
-    return carry.get("request_type", "loglikelihood")
-
-
-def as_item(row: dict) -> dict:
-    """A parsed row as an item: request rows become one-choice items with no answer."""
+def as_item(row: dict) -> dict | None:
+    """A parsed row as an item: loglikelihood requests become one-choice items with no
+    answer; None for a valid loglikelihood_rolling request (a whole document). BadInput
+    (bad_request) for a request row that is neither."""
     carry = carried(row)
     if "request_type" not in carry and "continuation" not in carry:
         return {"prompt": row["prompt"], "choices": carry.get("choices"), "answer": carry.get("answer")}
@@ -139,8 +133,10 @@ def as_item(row: dict) -> dict:
     if kind not in REQUEST_TYPES:
         raise BadInput("bad_request", f"request_type {kind!r} is not scored here (one of {REQUEST_TYPES})")
     if kind == ROLLING:
-        raise BadInput("bad_request", "a loglikelihood_rolling row scores its whole 'prompt'; "
-                                      "it takes no 'continuation'")
+        if "continuation" in carry:
+            raise BadInput("bad_request", "a loglikelihood_rolling row scores its whole 'prompt'; "
+                                          "it takes no 'continuation'")
+        return None
     cont = carry.get("continuation")
     if not isinstance(cont, str) or not cont:
         raise BadInput("bad_request", f"'continuation' must be a non-empty string, got {cont!r}")
