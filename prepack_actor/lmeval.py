@@ -38,7 +38,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from .core.params import SamplingParams
 from .engine import Engine, EngineConfig
 from .inputs import encode_ids, encode_pairs, prefix_token
-from .loglik import Request, rolling_requests
+from .loglik import Request, rolling_doc
 from .models import load_model, resolve_model_path
 from .scoring import ScoreConfig, Scorer
 
@@ -141,13 +141,13 @@ class PrepackLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood over lm-eval's disjoint windows of max_length tokens."""
-        docs = self.tok_encode_batch([req.args[0] for req in requests])
-        windows = [rolling_requests(d, self.prefix_token_id, self.max_length) for d in docs]
-        flat = self.scorer.loglikelihood([w for ws in windows for w in ws])
+        docs = [rolling_doc(d, self.prefix_token_id, self.max_length)
+                for d in self.tok_encode_batch([req.args[0] for req in requests])]
+        flat = self.scorer.loglikelihood([w for doc in docs for w in doc.windows])
         out, k = [], 0
-        for req, ws in zip(requests, windows):
-            total = sum(r.logprob for r in flat[k:k + len(ws)])
-            k += len(ws)
+        for req, doc in zip(requests, docs):
+            total = doc.total(flat[k:k + len(doc.windows)]).logprob
+            k += len(doc.windows)
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out

@@ -227,6 +227,11 @@ class RollingDoc:
         """Tokens laid out: each window's input (context + continuation but its last token)."""
         return sum(len(w.context) + len(w.continuation) - 1 for w in self.windows)
 
+    def total(self, windows: Sequence[Loglik]) -> Loglik:
+        """The document's result from its windows' results (in order): the summed log-prob
+        (lm-eval's loglikelihood_rolling), every token the argmax, its token count."""
+        return Loglik(sum(r.logprob for r in windows), all(r.is_greedy for r in windows), self.length)
+
 
 def rolling_doc(tokens: list[int], prefix_token: int, max_length: int) -> RollingDoc:
     return RollingDoc(rolling_requests(tokens, prefix_token, max_length), len(tokens))
@@ -235,10 +240,10 @@ def rolling_doc(tokens: list[int], prefix_token: int, max_length: int) -> Rollin
 def rolling_loglikelihood(runner, documents: Sequence[list[int]], prefix_token: int, max_length: int,
                           config: LoglikConfig | None = None) -> list[float]:
     """Total log-likelihood of each token document (lm-eval's loglikelihood_rolling)."""
-    windows = [rolling_requests(d, prefix_token, max_length) for d in documents]
-    flat = loglikelihood(runner, [w for ws in windows for w in ws], config)
+    docs = [rolling_doc(d, prefix_token, max_length) for d in documents]
+    flat = loglikelihood(runner, [w for doc in docs for w in doc.windows], config)
     out, k = [], 0
-    for ws in windows:
-        out.append(sum(r.logprob for r in flat[k:k + len(ws)]))
-        k += len(ws)
+    for doc in docs:
+        out.append(doc.total(flat[k:k + len(doc.windows)]).logprob)
+        k += len(doc.windows)
     return out

@@ -198,8 +198,8 @@ def scores(item: ScoreItem | None, enc: EncodedItem | RollingDoc, lls: list[Logl
     """ScoreResult's score fields from the entry's request results: per choice with the
     decisions, or for a document one total (lm-eval's loglikelihood_rolling) over its tokens."""
     if isinstance(enc, RollingDoc):
-        return {"choice_logprobs": [sum(r.logprob for r in lls)], "choice_num_tokens": [enc.length],
-                "choice_is_greedy": [all(r.is_greedy for r in lls)]}
+        t = enc.total(lls)
+        return {"choice_logprobs": [t.logprob], "choice_num_tokens": [t.num_tokens], "choice_is_greedy": [t.is_greedy]}
     lps, nts = [r.logprob for r in lls], [r.num_tokens for r in lls]
     return {"choice_logprobs": lps, "choice_num_tokens": nts, "choice_is_greedy": [r.is_greedy for r in lls],
             **decide(lps, nts, item.choices, item.answer, config.length_norm, config.target_delimiter)}
