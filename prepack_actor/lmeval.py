@@ -38,7 +38,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from .core.params import SamplingParams
 from .engine import Engine, EngineConfig
 from .inputs import encode_ids, encode_pairs, prefix_token
-from .loglik import Request, rolling_doc
+from .loglik import Request
 from .models import load_model, resolve_model_path
 from .scoring import ScoreConfig, Scorer
 
@@ -141,14 +141,9 @@ class PrepackLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood over lm-eval's disjoint windows of max_length tokens."""
-        docs = [rolling_doc(d, self.prefix_token_id, self.max_length)
-                for d in self.tok_encode_batch([req.args[0] for req in requests])]
-        flat = self.scorer.loglikelihood([w for doc in docs for w in doc.windows])
-        out, k = [], 0
-        for req, doc in zip(requests, docs):
-            total = doc.total(flat[k:k + len(doc.windows)]).logprob
-            k += len(doc.windows)
-            out.append(total)
+        docs = self.tok_encode_batch([req.args[0] for req in requests])
+        out = [r.logprob for r in self.scorer.rolling_loglikelihood(docs, self.prefix_token_id, self.max_length)]
+        for req, total in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out
 

@@ -236,14 +236,3 @@ class RollingDoc:
 def rolling_doc(tokens: list[int], prefix_token: int, max_length: int) -> RollingDoc:
     return RollingDoc(rolling_requests(tokens, prefix_token, max_length), len(tokens))
 
-
-def rolling_loglikelihood(runner, documents: Sequence[list[int]], prefix_token: int, max_length: int,
-                          config: LoglikConfig | None = None) -> list[float]:
-    """Total log-likelihood of each token document (lm-eval's loglikelihood_rolling)."""
-    docs = [rolling_doc(d, prefix_token, max_length) for d in documents]
-    flat = loglikelihood(runner, [w for doc in docs for w in doc.windows], config)
-    out, k = [], 0
-    for doc in docs:
-        out.append(doc.total(flat[k:k + len(doc.windows)]).logprob)
-        k += len(doc.windows)
-    return out

@@ -28,7 +28,7 @@ from .capability import PACKED
 from .core.forward import enable_varlen
 from .core.grouping import GroupConfig
 from .inputs import BadInput, EncodedItem, ItemError, ScoreItem, check_item, encode_item, encode_items
-from .loglik import Loglik, LoglikConfig, Request, RollingDoc, loglikelihood, score_group
+from .loglik import Loglik, LoglikConfig, Request, RollingDoc, loglikelihood, rolling_doc, score_group
 from .models import ModelRunner, on_kernels
 
 MODES = ("shared", "simple")
@@ -118,6 +118,19 @@ class Scorer(ModelRunner):
         if self.capability.route != PACKED:  # not on the plain packed path: each request alone (capability.py)
             return unpacked.loglikelihood(self.model, list(requests))
         return loglikelihood(self, requests, self.loglik)
+
+    def rolling_loglikelihood(self, documents: Sequence[list[int]], prefix_token: int,
+                              max_length: int) -> list[Loglik]:
+        """Each token document's total over lm-eval's disjoint windows of at most `max_length`
+        input tokens (loglikelihood_rolling): Loglik(summed log-prob, every token the argmax,
+        tokens scored). The windows run through `loglikelihood`, so on the model's route."""
+        docs = [rolling_doc(d, prefix_token, max_length) for d in documents]
+        flat = self.loglikelihood([w for doc in docs for w in doc.windows])
+        out, k = [], 0
+        for doc in docs:
+            out.append(doc.total(flat[k:k + len(doc.windows)]))
+            k += len(doc.windows)
+        return out
 
     def prepare(self, raw: Mapping[str, Any] | ScoreItem) -> tuple[ScoreItem, EncodedItem]:
         """Validate and tokenize one item; BadInput with the reason."""

@@ -285,3 +285,31 @@ def test_block_decode_is_used_exactly_where_attention_reads_the_cache_as_stored(
     assert engine.varlen and engine.block_decode == block
     assert (engine.decode_refusal is None) == block
     assert any("left-padded cache" in str(w.message) for w in caught) == (not block)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral-sw8", "phi3-longrope32", "bloom-alibi", "mamba"])
+def test_rolling_loglikelihood_follows_the_route(case):
+    """Scorer.rolling_loglikelihood (lm-eval's loglikelihood_rolling) on every route equals the
+    model run alone on each window: a recurrent or ALiBi model is never packed by it."""
+    from prepack_actor.loglik import rolling_requests
+    from prepack_actor.scoring import Scorer
+
+    torch.set_num_threads(1)
+    _, model_type, overrides, route = next(c for c in CASES if c[0] == case)
+    model = build(model_type, overrides, "eager" if route == UNPACKED else "sdpa")
+    rng = random.Random(7)
+    docs = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (70, 9, 41)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = Scorer(model, TokenIds()).rolling_loglikelihood(docs, prefix_token=1, max_length=24)
+    for doc, r in zip(docs, got):
+        want, greedy = 0.0, True
+        for w in rolling_requests(doc, 1, 24):  # HF alone, window by window
+            with torch.inference_mode(), plain_sdpa(model):
+                logits = model(torch.tensor([w.context + w.continuation[:-1]])).logits[0].float()
+            lp = torch.log_softmax(logits[-len(w.continuation):], -1)
+            target = torch.tensor(w.continuation)
+            want += lp.gather(1, target[:, None]).sum().item()
+            greedy &= bool((lp.argmax(-1) == target).all())
+        assert abs(r.logprob - want) < 1e-3 and abs(r.logprob - want) / abs(want) < 1e-5, (case, r.logprob, want)
+        assert (r.is_greedy, r.num_tokens) == (greedy, len(doc))
