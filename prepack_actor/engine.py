@@ -136,16 +136,24 @@ class Engine(ModelRunner):
         self.keys_read = self.keys_real = 0
         if not self.block_decode:
             return self.generate_groups(ids, params, start)
-        c = self.config
-        run = Run(Scheduler([len(x) for x in ids], params, c.max_num_seqs, c.max_group_prompts,
-                            c.max_group_tokens, c.sort_by_length),
-                  Batch(BlockCache(self.model.config.num_hidden_layers, self.block_size)))
+        run = self.new_run([len(x) for x in ids], params)
         while not run.finished:
-            if admitted := run.scheduler.admit(run.batch.size):
-                self.join(run, admitted, [ids[i] for i in admitted])
-            self.step(run)
+            self.advance(run, ids)
         self.keys_read, self.keys_real = run.batch.cache.keys_read, run.batch.cache.keys_real
         return [self.result(ids[p], run.admission[p], run.done[p], start) for p in range(len(ids))]
+
+    def new_run(self, lengths: list[int], params: list[SamplingParams]) -> Run:
+        """A scheduler with these prompts waiting and an empty running batch (block decode)."""
+        c = self.config
+        return Run(Scheduler(lengths, params, c.max_num_seqs, c.max_group_prompts, c.max_group_tokens, c.sort_by_length),
+                   Batch(BlockCache(self.model.config.num_hidden_layers, self.block_size)))
+
+    def advance(self, run: Run, ids) -> None:
+        """One turn of the main loop: admit waiting prompts (one packed prefill), one decode step.
+        ids[p]: prompt p's token ids (a list, or engine_loop's dict over many calls)."""
+        if admitted := run.scheduler.admit(run.batch.size):
+            self.join(run, admitted, [ids[i] for i in admitted])
+        self.step(run)
 
     def join(self, run: Run, admitted: list[int], ids: list[list[int]]) -> None:
         """Prefill the admitted prompts in one packed pass; their sequences join the running batch."""

@@ -1,9 +1,10 @@
 """Continuous batching: which waiting prompts join the running batch, and the batch's state.
 
 The engine keeps up to `max_num_seqs` sequences decoding. When enough of them finish, the
-next waiting prompts are prefilled together in one packed pass and join (Engine.generate):
+next waiting prompts are prefilled together in one packed pass and join (Engine.generate;
+engine_loop.py keeps one Run across concurrent calls):
 
-    while not run.finished:
+    while not run.finished:             # Engine.advance
         if prompts := run.scheduler.admit(run.batch.size):
             engine.join(run, prompts, ids)   # packed prefill, first tokens, into the block cache
         engine.step(run)                # one token for every running sequence
@@ -33,10 +34,27 @@ class Scheduler:
 
     def __init__(self, lengths: list[int], params: list[SamplingParams], max_num_seqs: int,
                  max_group_prompts: int, max_group_tokens: int, sort_by_length: bool = True):
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else range(len(lengths))
-        self.waiting = deque(order)
-        self.lengths, self.params = lengths, params
+        self.waiting: deque[int] = deque()
+        self.lengths: dict[int, int] = {}  # per prompt index (Scheduler.add's)
+        self.params: dict[int, SamplingParams] = {}
         self.max_num_seqs, self.max_group_prompts, self.max_group_tokens = max_num_seqs, max_group_prompts, max_group_tokens
+        self.sort_by_length, self.added = sort_by_length, 0
+        self.add(lengths, params)
+
+    def add(self, lengths: list[int], params: list[SamplingParams]) -> list[int]:
+        """New waiting prompts, after those already waiting (longest first among themselves
+        when sort_by_length); returns their indices (0, 1, ... across all adds)."""
+        idx = list(range(self.added, self.added + len(lengths)))
+        self.added += len(lengths)
+        self.lengths.update(zip(idx, lengths))
+        self.params.update(zip(idx, params))
+        self.waiting.extend(sorted(idx, key=lambda i: -self.lengths[i]) if self.sort_by_length else idx)
+        return idx
+
+    def forget(self, prompts: list[int]) -> None:
+        """Drop finished prompts' entries (a long-lived scheduler: engine_loop.py)."""
+        for p in prompts:
+            del self.lengths[p], self.params[p]
 
     def admit(self, running: int) -> list[int]:
         """Prompts to prefill now, given `running` sequences: as many as fit the free slots

@@ -5,10 +5,12 @@
                    compute=ray.data.ActorPoolStrategy(...), num_gpus=g, num_cpus=c)
 
 Input: group records (rows.GROUP_SCHEMA), one token-bounded group each. Output: one row per
-input row (task.output_row). Error rows pass through without touching the model. A group
-the model fails on is halved and retried (oom.run_splitting) until the failure is one
-row's: out of memory -> an `out_of_memory` row, any other exception -> an `engine_error`
-row; the other rows of the group are unaffected. Anything else that fails while a group's
+input row (task.output_row). Error rows pass through without touching the model. Generate
+calls run in threads, several at once (`actors.max_concurrent_batches`), on one running
+batch (engine_loop.EngineLoop): a group's prompts join as others' finish. A group that
+fails there, or on its own, is rerun alone (EngineLoop.exclusive) and halved
+(oom.run_splitting) until the failure is one row's: out of memory -> an `out_of_memory`
+row, any other exception -> an `engine_error` row; the other rows are unaffected. Anything else that fails while a group's
 output is built turns that group's rows into `internal_error` rows: the exception boundary
 is the row, at worst the group, never the dataset. `carried` is the job's carried-column
 schema (scan.py; None in a user's pipeline). `faults` is the test-only fault plan
@@ -19,11 +21,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from contextlib import nullcontext
 
 import pyarrow as pa
 import torch
 
+from ..engine_loop import EngineLoop
 from ..models import load_model, resolve_model_path
 from .config import ProcessorConfig
 from .faults import FaultPlan
@@ -51,6 +56,8 @@ class PrepackActor:
         self.task = make_task(config)
         self.runner = self.task.runner(model, tokenizer, config.packing)
         self.runner.onednn_linear &= m.onednn_linear  # model.onednn_linear: false keeps torch's F.linear
+        self.loop = EngineLoop(self.runner) if config.task == "generate" else None  # concurrent calls share it
+        self.counters = threading.Lock()  # groups_done, load_s: calls run in threads
         self.faults = FaultPlan(**faults) if faults else FaultPlan()
         self.stage_to = stage_to  # the job: stage each group's rows here (writer.py) and return the file
         self.carried = carried
@@ -62,7 +69,9 @@ class PrepackActor:
         t0 = time.perf_counter()
         tables = []
         for blob in batch.column("rows").to_pylist():
-            self.faults.before_group(self.groups_done)
+            with self.counters:
+                done, self.groups_done = self.groups_done, self.groups_done + 1
+            self.faults.before_group(done)
             rows = unpack_group(blob)
             try:
                 tables.append(self.task.to_table(self.run_group(rows), self.carried))
@@ -70,21 +79,25 @@ class PrepackActor:
                 reason = f"the job failed on this row's group: {type(e).__name__}: {str(e)[:300]}"
                 tables.append(self.task.to_table([self.task.output_row(dict(r, carry={}), error=("internal_error", reason))
                                                   for r in rows], self.carried))
-            self.groups_done += 1
         table = pa.concat_tables(tables) if tables else self.task.to_table([], self.carried)
         # Staged here, not by a task after the pool: on a busy cluster such a task waits for a CPU
         # behind the tokenize tasks, and no file reaches storage until the input is read.
         if not self.stage_to:
             return table
-        load_s, self.load_s = self.load_s or 0.0, None
+        with self.counters:
+            load_s, self.load_s = self.load_s or 0.0, None
         return stage_stage(table, **self.stage_to, actor=self.name, load_s=load_s, busy_s=time.perf_counter() - t0)
 
     def run_group(self, rows: list[dict]) -> list[dict]:
         """Run the runnable rows of one group; error rows pass through."""
         good = [r for r in rows if r["error"] is None]
         out = [self.task.output_row(r) for r in rows if r["error"] is not None]
-        results = run_splitting(lambda part: self.task.run(self.runner, part), good,
-                                lambda part: sum(r["num_input_tokens"] for r in part), self.faults.before_prefill)
+        cost = lambda part: sum(r["num_input_tokens"] for r in part)  # noqa: E731
+        results = self.run_shared(good, cost)
+        if results is None:  # alone, halving until a failure is one row's
+            with self.loop.exclusive() if self.loop else nullcontext():
+                results = run_splitting(lambda part: self.task.run(self.runner, part), good, cost,
+                                        self.faults.before_prefill)
         for r, res in zip(good, results):
             if isinstance(res, BaseException):
                 kind = "out_of_memory" if is_oom(res) else "engine_error"
@@ -93,3 +106,13 @@ class PrepackActor:
             else:
                 out.append(self.task.output_row(r, res))
         return out
+
+    def run_shared(self, rows: list[dict], cost) -> list | None:
+        """The rows on the shared running batch; None when that failed (whoever's row it was)."""
+        if not rows or self.loop is None or not self.loop.shared:
+            return None
+        try:
+            self.faults.before_prefill(cost(rows))
+            return self.task.run(self.loop, rows)
+        except Exception:  # noqa: BLE001 - rerun alone: the verdicts are per row (run_group)
+            return None

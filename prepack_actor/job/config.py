@@ -139,8 +139,8 @@ class PackingConfig:
     pack_capacity: Optional[int] = None  # packed row width in tokens, >= 1; null = longest prompt of the group (paper)
     max_group_tokens: int = 4096  # prompt tokens per group (one forward pass, one actor call), >= 1
     max_group_prompts: int = 64  # prompts (generate) or items (score) per group, >= 1
-    max_num_seqs: int = 128  # generate: sequences decoding at once within an actor call, >= 1; a group
-    #                         larger than this admits its waiting prompts as others finish (docs/decode.md)
+    max_num_seqs: int = 128  # generate: sequences decoding at once per actor, >= 1; waiting prompts (of
+    #                         concurrent groups: actors.max_concurrent_batches) join as others finish (docs/decode.md)
     window: int = 1024  # rows sorted by length together before grouping (bounds memory), >= 1
     global_sort: bool = False  # true: sort the whole dataset by length first (a global shuffle)
     memory_budget_gb: float = 0.0  # > 0: derive max_group_tokens from this per-actor budget (docs/failure.md); 0 = off
@@ -161,7 +161,10 @@ class ActorsConfig:
     gpus_per_actor: float = 0.0  # GPUs per actor, >= 0; 0 = CPU actors
     cpus_per_actor: float = 1.0  # CPUs reserved per actor, > 0
     torch_threads: int = 0  # torch intra-op threads per actor, >= 0; 0 = Ray's default (= CPUs)
-    max_tasks_in_flight: int = 2  # groups queued per actor, >= 1
+    max_tasks_in_flight: int = 2  # groups sent to an actor at once (running and queued), >= 1; at least 2 x max_concurrent_batches
+    # generate: groups an actor runs at once, sharing one running batch (engine_loop.py), >= 0;
+    # 0 = enough to keep packing.max_num_seqs decoding (max_num_seqs / max_group_prompts, rounded up, + 1)
+    max_concurrent_batches: int = 0
     max_restarts: int = 4  # times Ray restarts a dead actor (crash, OOM kill), >= -1 (-1 = forever)
     max_task_retries: int = 4  # times a group is retried after its actor died, >= -1 (-1 = forever)
     placement_timeout_s: float = 60.0  # fail when the cluster cannot place the pool within this, > 0
@@ -182,6 +185,7 @@ class ActorsConfig:
             raise ConfigError(f"actors.cpus_per_actor: expected a number > 0, got {self.cpus_per_actor!r}")
         _at_least("actors.torch_threads", self.torch_threads, 0)
         _at_least("actors.max_tasks_in_flight", self.max_tasks_in_flight, 1)
+        _at_least("actors.max_concurrent_batches", self.max_concurrent_batches, 0)
         _at_least("actors.max_restarts", self.max_restarts, -1)
         _at_least("actors.max_task_retries", self.max_task_retries, -1)
 
@@ -230,6 +234,14 @@ class ProcessorConfig:
 
     def __post_init__(self):
         _choice("task", self.task, TASKS)
+
+    @property
+    def concurrent_batches(self) -> int:
+        """Groups an actor runs at once: generate shares one running batch; scoring runs one."""
+        if self.task != "generate":
+            return 1
+        p = self.packing
+        return self.actors.max_concurrent_batches or -(-p.max_num_seqs // p.max_group_prompts) + 1
 
 
 @dataclass

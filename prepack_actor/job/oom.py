@@ -69,21 +69,25 @@ def bytes_per_token(model_config, dtype_bytes: int) -> tuple[int, int]:
 
 
 def token_budget_for_memory(model_config, memory_budget_gb: float, dtype_bytes: int,
-                            max_group_prompts: int, max_new_tokens: int, kv_copies: int = 2) -> int:
+                            max_group_prompts: int, max_new_tokens: int, kv_copies: int = 2,
+                            running: int | None = None) -> int:
     """Prompt tokens per group that fit a per-actor memory budget (besides the weights).
 
     Generation: a group of T prompt tokens needs T x (2 x kv + act) in prefill (the packed
-    cache plus its per-prompt copy, and activations) and, while decoding, its prompts'
-    caches grow by up to max_group_prompts x max_new_tokens x kv. So
-        max_group_tokens = (budget - max_group_prompts x max_new_tokens x kv) / (2 x kv + act)
+    cache plus its per-prompt copy, and activations); `running` sequences decode at once
+    (default max_group_prompts: one group), holding the caches of G = ceil(running /
+    max_group_prompts) groups' prompts, each growing by up to max_new_tokens x kv. So
+        max_group_tokens = (budget - running x max_new_tokens x kv) / ((1 + G) x kv + act)
     Scoring keeps no cache (kv_copies=0, max_new_tokens=0): budget / act.
     Raises ValueError when the budget does not even cover decoding.
     """
     kv, act = bytes_per_token(model_config, dtype_bytes)
+    running = running or max_group_prompts
+    groups = -(-running // max_group_prompts) if kv_copies else 0
     budget = memory_budget_gb * 1024 ** 3
-    decode = max_group_prompts * max_new_tokens * kv
-    tokens = int((budget - decode) // (kv_copies * kv + act))
+    decode = running * max_new_tokens * kv
+    tokens = int((budget - decode) // ((kv_copies - 1 + groups) * kv + act if kv_copies else act))
     if tokens < 1:
-        raise ValueError(f"packing.memory_budget_gb={memory_budget_gb} is too small: decoding {max_group_prompts} "
+        raise ValueError(f"packing.memory_budget_gb={memory_budget_gb} is too small: decoding {running} "
                          f"prompts x {max_new_tokens} new tokens alone needs {decode / 1024 ** 3:.3f} GB")
     return tokens

@@ -53,16 +53,18 @@ def group_stage(batch: pa.Table, max_group_tokens: int, max_group_prompts: int) 
     return pa.table(make_groups(table_to_rows(batch), max_group_tokens, max_group_prompts), schema=GROUP_SCHEMA)
 
 
-def actor_pool(actors) -> dict:
+def actor_pool(actors, concurrent_batches: int = 1) -> dict:
     """map_batches arguments for the actor pool: size (fixed or autoscaling), resources,
-    restarts and retries. A dead actor is restarted (max_restarts) and its unfinished groups
-    retried (max_task_retries); Ray 2.60 takes both as remote args."""
+    restarts and retries, calls running at once. A dead actor is restarted (max_restarts) and
+    its unfinished groups retried (max_task_retries); Ray 2.60 takes both as remote args.
+    Concurrent calls run in threads of one actor (engine_loop.py shares its running batch)."""
     c = actors.concurrency
     size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
-    return dict(compute=ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=actors.max_tasks_in_flight),
+    k = concurrent_batches
+    return dict(compute=ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=max(actors.max_tasks_in_flight, 2 * k),
+                                                   max_concurrent_calls_per_actor=k, enable_true_multi_threading=k > 1),
                 num_gpus=actors.gpus_per_actor, num_cpus=actors.cpus_per_actor,
                 max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
-
 
 def memory_token_budget(config: ProcessorConfig, model_path: str) -> int:
     """packing.max_group_tokens from packing.memory_budget_gb (oom.token_budget_for_memory)."""
@@ -74,7 +76,9 @@ def memory_token_budget(config: ProcessorConfig, model_path: str) -> int:
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
     return token_budget_for_memory(model_config, config.packing.memory_budget_gb, dtype_bytes,
                                    config.packing.max_group_prompts,
-                                   config.sampling.max_new_tokens if generate else 0, 2 if generate else 0)
+                                   config.sampling.max_new_tokens if generate else 0, 2 if generate else 0,
+                                   running=min(config.packing.max_num_seqs,
+                                               config.concurrent_batches * config.packing.max_group_prompts))
 
 
 class Processor:
@@ -129,8 +133,10 @@ class Processor:
         ds = ds.map_batches(group_stage, batch_size=p.window, batch_format="pyarrow",
                             fn_kwargs=dict(max_group_tokens=p.max_group_tokens, max_group_prompts=p.max_group_prompts))
         ds = ds.repartition(target_num_rows_per_block=1)  # one group per block: spreads groups over actors
-        # One group per call; the model loads once per actor.
-        return ds.map_batches(PrepackActor, batch_size=1, batch_format="pyarrow", **actor_pool(self.config.actors),
+        # One group per call, several calls at once on one running batch (generate); the model
+        # loads once per actor.
+        return ds.map_batches(PrepackActor, batch_size=1, batch_format="pyarrow",
+                              **actor_pool(self.config.actors, self.config.concurrent_batches),
                               fn_constructor_kwargs=dict(config=self.config, stage_to=stage_to, carried=carried,
                                                          faults=self.faults.to_dict() if self.faults else None))
 
