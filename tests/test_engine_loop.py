@@ -119,4 +119,5 @@ def test_default_concurrency_fills_max_num_seqs():
     cfg = ProcessorConfig(packing=PackingConfig(max_group_prompts=64, max_num_seqs=128))
     assert cfg.concurrent_batches == 3
     assert ProcessorConfig(packing=PackingConfig(max_group_prompts=200, max_num_seqs=128)).concurrent_batches == 2
+    assert ProcessorConfig(packing=PackingConfig(max_group_prompts=2, max_num_seqs=128)).concurrent_batches == 8
     assert ProcessorConfig(task="score").concurrent_batches == 1

@@ -160,9 +160,10 @@ def test_two_nodes_run_actors_on_both_and_equal_one_node(cluster, src, one_node,
 
 
 def test_worker_node_killed_mid_job_loses_and_duplicates_nothing(cluster, src, one_node, tiny_model_dir, tmp_path):
-    """Each actor sleeps 0.3 s per group; once a data file is committed and an actor runs on the
-    worker node, the worker's raylet is SIGKILLed: Ray restarts that actor on the head, redoes
-    its groups and the tasks whose outputs the node held; the job finishes with every row once."""
+    """Each actor runs two groups at once and sleeps 0.6 s per group; once a data file is
+    committed and an actor runs on the worker node, the worker's raylet is SIGKILLed: Ray
+    restarts that actor on the head, redoes its groups and the tasks whose outputs the node
+    held; the job finishes with every row once."""
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     worker = cluster.add_worker() if len(alive) < 2 else (alive - {ray.get_runtime_context().get_node_id()}).pop()
     out, killed = tmp_path / "out", {}
@@ -179,9 +180,9 @@ def test_worker_node_killed_mid_job_loses_and_duplicates_nothing(cluster, src, o
 
     killer = threading.Thread(target=kill_when_busy, daemon=True)
     killer.start()
-    with env(PREPACK_FAULT_DELAY_S=0.3):
+    with env(PREPACK_FAULT_DELAY_S=0.6):  # concurrent groups sleep side by side: the job lasts as long
         summary = load_job("generate").main([f"model.path={tiny_model_dir('llama')}", f"input.path={src}",
-                                             f"output.path={out}", *ARGS])
+                                             f"output.path={out}", *ARGS, "actors.max_concurrent_batches=2"])
     killer.join(timeout=5)
     assert killed.get("pid"), "the worker node was not killed mid-job"
     assert killed["files"] < NUM_ROWS // 4  # killed before the last data file

@@ -162,8 +162,8 @@ class ActorsConfig:
     cpus_per_actor: float = 1.0  # CPUs reserved per actor, > 0
     torch_threads: int = 0  # torch intra-op threads per actor, >= 0; 0 = Ray's default (= CPUs)
     max_tasks_in_flight: int = 2  # groups sent to an actor at once (running and queued), >= 1; at least 2 x max_concurrent_batches
-    # generate: groups an actor runs at once, sharing one running batch (engine_loop.py), >= 0;
-    # 0 = enough to keep packing.max_num_seqs decoding (max_num_seqs / max_group_prompts, rounded up, + 1)
+    # generate: groups an actor runs at once, sharing one running batch (engine_loop.py), >= 0; 0 = enough
+    # to keep packing.max_num_seqs decoding (max_num_seqs / max_group_prompts, rounded up, + 1), at most 8
     max_concurrent_batches: int = 0
     max_restarts: int = 4  # times Ray restarts a dead actor (crash, OOM kill), >= -1 (-1 = forever)
     max_task_retries: int = 4  # times a group is retried after its actor died, >= -1 (-1 = forever)
@@ -218,6 +218,7 @@ class ScoringConfig:
 
 
 TASKS = ("generate", "score")
+MAX_AUTO_BATCHES = 8  # ray.data.llm's default max_concurrent_batches: the cap of the derived default (small groups)
 
 
 @dataclass
@@ -241,7 +242,7 @@ class ProcessorConfig:
         if self.task != "generate":
             return 1
         p = self.packing
-        return self.actors.max_concurrent_batches or -(-p.max_num_seqs // p.max_group_prompts) + 1
+        return self.actors.max_concurrent_batches or min(-(-p.max_num_seqs // p.max_group_prompts) + 1, MAX_AUTO_BATCHES)
 
 
 @dataclass
