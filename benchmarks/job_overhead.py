@@ -1,4 +1,4 @@
-"""What the Ray job costs over the engine: the same prompts, greedy, fixed output length.
+"""What the Ray job costs over the engine: the same prompts, greedy, output lengths fixed or varied.
 
     python benchmarks/job_overhead.py --data ../shared/data/alpaca.jsonl   # 2,000 prompts x 64 tokens, tiny llama
     python benchmarks/job_overhead.py --data ../shared/data/alpaca.jsonl --num-prompts 500 --size small
@@ -107,6 +107,7 @@ def main() -> None:
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"{name:32s}: {t:8.2f} s  {n_tokens / t:9.1f} generated tokens/s  engine / this {engine_s / t:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -235,4 +235,3 @@ class RollingDoc:
 
 def rolling_doc(tokens: list[int], prefix_token: int, max_length: int) -> RollingDoc:
     return RollingDoc(rolling_requests(tokens, prefix_token, max_length), len(tokens))
-

@@ -126,7 +126,8 @@ class Batch:
 
 @dataclass
 class Run:
-    """One generate call on the block path: scheduler, running batch and what finished."""
+    """The block path's state: scheduler, running batch and what finished (one generate call,
+    or every call in flight of an engine_loop.EngineLoop)."""
     scheduler: Scheduler
     batch: Batch
     admission: dict[int, Admission] = field(default_factory=dict)  # per prompt

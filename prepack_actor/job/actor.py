@@ -10,9 +10,10 @@ calls run in threads, several at once (`actors.max_concurrent_batches`), on one 
 batch (engine_loop.EngineLoop): a group's prompts join as others' finish. A group that
 fails there, or on its own, is rerun alone (EngineLoop.exclusive) and halved
 (oom.run_splitting) until the failure is one row's: out of memory -> an `out_of_memory`
-row, any other exception -> an `engine_error` row; the other rows are unaffected. Anything else that fails while a group's
-output is built turns that group's rows into `internal_error` rows: the exception boundary
-is the row, at worst the group, never the dataset. `carried` is the job's carried-column
+row, any other exception -> an `engine_error` row; the other rows are unaffected.
+Anything else that fails while a group's output is built turns that group's rows into
+`internal_error` rows: the exception boundary is the row, at worst the group, never the
+dataset. `carried` is the job's carried-column
 schema (scan.py; None in a user's pipeline). `faults` is the test-only fault plan
 (faults.FaultPlan.to_dict()), None in normal runs. `stage_to` (the job) writes each group's
 rows to the output's staging folder and returns the staged file instead of the rows.

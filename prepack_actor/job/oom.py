@@ -83,10 +83,11 @@ def token_budget_for_memory(model_config, memory_budget_gb: float, dtype_bytes: 
     """
     kv, act = bytes_per_token(model_config, dtype_bytes)
     running = running or max_group_prompts
-    groups = -(-running // max_group_prompts) if kv_copies else 0
+    # other groups' prompt caches decoding beside this group's (none when scoring: no cache)
+    others = -(-running // max_group_prompts) - 1 if kv_copies else 0
     budget = memory_budget_gb * 1024 ** 3
     decode = running * max_new_tokens * kv
-    tokens = int((budget - decode) // ((kv_copies - 1 + groups) * kv + act if kv_copies else act))
+    tokens = int((budget - decode) // ((kv_copies + others) * kv + act))
     if tokens < 1:
         raise ValueError(f"packing.memory_budget_gb={memory_budget_gb} is too small: decoding {running} "
                          f"prompts x {max_new_tokens} new tokens alone needs {decode / 1024 ** 3:.3f} GB")

@@ -66,6 +66,7 @@ def actor_pool(actors, concurrent_batches: int = 1) -> dict:
                 num_gpus=actors.gpus_per_actor, num_cpus=actors.cpus_per_actor,
                 max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
 
+
 def memory_token_budget(config: ProcessorConfig, model_path: str) -> int:
     """packing.max_group_tokens from packing.memory_budget_gb (oom.token_budget_for_memory)."""
     from transformers import AutoConfig
