@@ -27,6 +27,8 @@ in turn (interleaved); medians over repeats. Measured per dataset:
 - keys read per decode step / real keys (prepack; 1.0 = only real keys), and with
   `--leftpad` the same end to end on the left-padded static-group decode (the old path);
 - agreement: prompts whose greedy tokens are identical in both engines, and matching tokens.
+`--compile` runs prepack with compiled decoder layers (EngineConfig.compile) and its eager
+engine beside it, interleaved, and prints compiled vs eager (greedy tokens checked equal).
 `--max-num-seqs` sets prepack's running batch (EngineConfig.max_num_seqs). `--threads 2` gives
 prepack both cores of a 2-core machine for compute (vLLM's own layout there uses both cores
 too: its OMP thread on one, its scheduler and front end on the other).
@@ -130,6 +132,8 @@ def main() -> None:
                          "core 1 for its scheduler and front end)")
     ap.add_argument("--vllm-omp-bind", default="",
                     help="VLLM_CPU_OMP_THREADS_BIND for vLLM, e.g. 0-1 (both cores); '' = vLLM's auto layout")
+    ap.add_argument("--compile", action="store_true",
+                    help="prepack with compiled decoder layers (EngineConfig.compile), its eager engine beside it")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="table in CPU seconds (robust on a shared machine; both are saved) or wall seconds")
     args = ap.parse_args()
@@ -148,8 +152,9 @@ def main() -> None:
     overrides = {k: v for k, v in (("max_group_prompts", args.max_group_prompts),
                                    ("max_group_tokens", args.max_group_tokens),
                                    ("max_num_seqs", args.max_num_seqs)) if v is not None}
-    engine = Engine(model, tok, EngineConfig(**overrides))
-    dense = Engine(model, tok, EngineConfig(varlen=False, **overrides))
+    engine = Engine(model, tok, EngineConfig(compile=args.compile, **overrides))
+    eager = Engine(model, tok, EngineConfig(**overrides)) if args.compile else None
+    dense = Engine(model, tok, EngineConfig(varlen=False, compile=args.compile, **overrides))
     leftpad = Engine(model, tok, EngineConfig(block_decode=False, **overrides)) if args.leftpad else None
     assert engine.varlen, "the benchmark model must run varlen attention"
     data = {}
@@ -181,7 +186,9 @@ def main() -> None:
     if vllm:
         print(f"vLLM ready in {vllm.ready_s:.0f} s", flush=True)
     warm = [x[:8] for x in list(data.values())[0][:4]]
-    engine.generate(warm, SamplingParams(max_new_tokens=2))  # warm-up, untimed
+    engine.generate(warm, SamplingParams(max_new_tokens=2))  # warm-up, untimed (compiles with --compile)
+    if eager:
+        eager.generate(warm, SamplingParams(max_new_tokens=2))
     dense.prefill(warm)
     ceiling(warm)
     if vllm:
@@ -189,7 +196,7 @@ def main() -> None:
     runs: dict[str, dict[str, list]] = {name: {} for name in data}
     tokens: dict[str, dict[str, list]] = {name: {} for name in data}
     try:
-        measure(args, data, engine, dense, leftpad, ceiling, timed, vllm, gen, runs, tokens)
+        measure(args, data, engine, dense, leftpad, eager, ceiling, timed, vllm, gen, runs, tokens)
     finally:
         if vllm:
             vllm.close()
@@ -204,7 +211,7 @@ def new_tokens(args, name: str, n: int) -> list[int]:
     return [rng.randint(8, 256) for _ in range(n)] if name.endswith("-varied") else [args.new_tokens] * n
 
 
-def measure(args, data, engine, dense, leftpad, ceiling, timed, vllm, gen, runs, tokens) -> None:
+def measure(args, data, engine, dense, leftpad, eager, ceiling, timed, vllm, gen, runs, tokens) -> None:
     """Every repeat runs every measurement of both engines in turn (interleaved)."""
     from prepack_actor import SamplingParams
 
@@ -217,21 +224,24 @@ def measure(args, data, engine, dense, leftpad, ceiling, timed, vllm, gen, runs,
                 tokens.setdefault(name, {})
                 # Its own name: rebinding `gen` would give the next repeat's fixed workloads these lengths.
                 varied = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in new_tokens(args, name, len(ids))]
-                e2e(args, name, ids, engine, leftpad, timed, vllm, varied, runs, tokens, rep)
+                e2e(args, name, ids, engine, leftpad, eager, timed, vllm, varied, runs, tokens, rep)
                 continue
             r = runs[name]
             r.setdefault("prepack_prefill", []).append(timed(engine.prefill, ids)[0])
+            if eager:
+                r.setdefault("eager_prefill", []).append(timed(eager.prefill, ids)[0])
             if vllm:
                 r.setdefault("vllm_prefill", []).append(vllm.generate(ids, 1)[0])
             r.setdefault("dense_mask_prefill", []).append(timed(dense.prefill, ids)[0])
             r.setdefault("ceiling_prefill", []).append(timed(ceiling, ids)[0])
-            e2e(args, name, ids, engine, leftpad, timed, vllm, gen, runs, tokens, rep)
+            e2e(args, name, ids, engine, leftpad, eager, timed, vllm, gen, runs, tokens, rep)
 
 
-def e2e(args, name, ids, engine, leftpad, timed, vllm, gen, runs, tokens, rep) -> None:
-    """End to end on prepack (block decode), the left-padded decode (--leftpad) and vLLM."""
+def e2e(args, name, ids, engine, leftpad, eager, timed, vllm, gen, runs, tokens, rep) -> None:
+    """End to end on prepack (block decode), the left-padded decode (--leftpad), prepack
+    eager (--compile) and vLLM."""
     r = runs[name]
-    for key, eng in (("prepack", engine), ("leftpad", leftpad)):
+    for key, eng in (("prepack", engine), ("leftpad", leftpad), ("eager", eager)):
         if eng is None:
             continue
         t, res = timed(eng.generate, ids, gen)
@@ -261,6 +271,12 @@ def report(args, data, runs, tokens) -> None:
         out_tokens = sum(new_tokens(args, name, len(ids)))
         out = {"prompts": len(ids), "real_tokens": real, "output_tokens": out_tokens, "median_s": med,
                "median_wall_s": med_wall, "all_s": r}
+        if "eager_e2e" in med:  # --compile: compiled (prepack) vs eager, > 1: compiling helps
+            out["compiled_vs_eager"] = {k: med[f"eager_{k}"] / med[f"prepack_{k}"] for k in ("prefill", "e2e")
+                                        if f"eager_{k}" in med}
+            print(f"{name}: compiled vs eager ({args.clock} s): "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in out["compiled_vs_eager"].items()))
+            assert tokens[name]["eager"] == tokens[name]["prepack"], f"{name}: compiled and eager tokens differ"
         if "prepack_prefill" in med:
             line = [name, str(len(ids)), str(real), f"{med['prepack_prefill']:.1f}", f"{med['dense_mask_prefill']:.1f}",
                     f"{med['ceiling_prefill']:.1f}", f"{med['ceiling_prefill'] / med['prepack_prefill']:.2f}"]

@@ -43,6 +43,9 @@ class EngineConfig(GroupConfig):
     # CPU: linear layers on oneDNN with prepacked weights (core/linear.py; 10-15% faster
     # prefill here, at the cost of a second copy of the weights); False = torch's F.linear.
     onednn_linear: bool = True
+    # Decoder layers compiled by inductor (core/compile.py; ~10% faster prefill on CPU here);
+    # the first calls compile for 10-20 s and need a C++ compiler (else a warning, then eager).
+    compile: bool = False
     # Decode from a block cache of real keys only, prompts admitted as others finish
     # (needs varlen); False = static groups from a left-padded cache (the reference).
     block_decode: bool = True
@@ -61,7 +64,7 @@ class EngineConfig(GroupConfig):
 class Engine(ModelRunner):
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
-        super().__init__(model, tokenizer, self.config.onednn_linear)
+        super().__init__(model, tokenizer, self.config.onednn_linear, self.config.compile)
         # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
         self.varlen = self.config.varlen and self.capability.route != UNPACKED and enable_varlen(model)
         self.block_size = self.config.block_size or (FLASH_PAGE if self.device.type == "cuda" else BLOCK_SIZE)

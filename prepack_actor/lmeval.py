@@ -55,9 +55,10 @@ class PrepackLM(TemplateLM):
     def __init__(self, pretrained: Any = "tiny:llama", tokenizer: Any = None, dtype: str = "auto",
                  device: str | None = None, max_length: int | None = None, mode: str = "shared",
                  max_group_tokens: int = 8192, max_group_prompts: int = 1024, varlen: Any = True,
-                 max_gen_toks: int = 256, add_bos_token: Any = None, prefix_token_id: int | None = None,
-                 trust_remote_code: Any = False, cache_dir: str = "artifacts/models", batch_size: Any = None,
-                 max_batch_size: Any = None, **unused: Any):
+                 compile: Any = False, max_gen_toks: int = 256, add_bos_token: Any = None,
+                 prefix_token_id: int | None = None, trust_remote_code: Any = False,
+                 cache_dir: str = "artifacts/models", batch_size: Any = None, max_batch_size: Any = None,
+                 **unused: Any):
         super().__init__()
         if unused:
             log.warning("prepack: model_args not used: %s", sorted(unused))
@@ -71,7 +72,7 @@ class PrepackLM(TemplateLM):
         self.tokenizer = tok
         self.scorer = Scorer(model, tok, ScoreConfig(mode=mode, max_group_tokens=int(max_group_tokens),
                                                      max_group_prompts=int(max_group_prompts),
-                                                     varlen=_flag(varlen)))
+                                                     varlen=_flag(varlen), compile=_flag(compile)))
         self._engine: Engine | None = None
         self._max_length = int(max_length) if max_length else resolve_max_length(
             model.config, tok, default=DEFAULT_MAX_LENGTH)
@@ -185,7 +186,7 @@ class PrepackLM(TemplateLM):
     def engine(self) -> Engine:
         if self._engine is None:
             s = self.scorer
-            self._engine = Engine(s.model, s.tokenizer, EngineConfig(varlen=s.config.varlen))
+            self._engine = Engine(s.model, s.tokenizer, EngineConfig(varlen=s.config.varlen, compile=s.config.compile))
         return self._engine
 
 

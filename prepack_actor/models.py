@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch
 import transformers.dynamic_module_utils as _dynamic
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .capability import Capability, UnsupportedModel, capability_of, check_model
+from .capability import UNPACKED, Capability, UnsupportedModel, capability_of, check_model
 from .core import attention
+from .core.compile import compile_refusal, compiled
 from .core.linear import onednn_linear, onednn_refusal
 from .tiny import ARCHS, SIZES, build_tiny_model
 
@@ -129,7 +131,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", attn_implem
 class ModelRunner:
     """A loaded model and tokenizer, and what every library entry point reads from them."""
 
-    def __init__(self, model, tokenizer, onednn_linear: bool = True):
+    def __init__(self, model, tokenizer, onednn_linear: bool = True, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
         # CPU linear layers on oneDNN with prepacked weights inside kernels() (core/linear.py).
         self.onednn_linear = onednn_linear and onednn_refusal(model) is None
@@ -138,10 +140,17 @@ class ModelRunner:
         self.max_context = context_length(model.config)
         # The route every entry point takes (packed, bucketed, unpacked); refuses before any work.
         self.capability = check_model(model)
+        self.use_compile(compile)
 
+    def use_compile(self, on: bool) -> None:
+        """Decoder layers compiled by inductor inside kernels() (core/compile.py), packed routes only."""
+        self.compile = on and self.capability.route != UNPACKED and compile_refusal(self.model) is None
+
+    @contextmanager
     def kernels(self):
-        """The block the runner's model calls run in: oneDNN linear layers where enabled."""
-        return onednn_linear(self.model, self.onednn_linear)
+        """The block the runner's model calls run in: oneDNN linear layers and compiled layers where enabled."""
+        with onednn_linear(self.model, self.onednn_linear), compiled(self.model, self.compile):
+            yield
 
     def sync(self) -> None:
         """Wait for the device (timings on CUDA are otherwise launch times)."""

@@ -45,6 +45,7 @@ class ScoreConfig(GroupConfig):
     max_group_tokens: int = 8192  # tokens laid out per forward pass (bounds memory), >= 1
     # CPU: linear layers on oneDNN with prepacked weights (core/linear.py), as EngineConfig.
     onednn_linear: bool = True
+    compile: bool = False  # decoder layers compiled by inductor (core/compile.py), as EngineConfig
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,7 +106,7 @@ class Scorer(ModelRunner):
 
     def __init__(self, model, tokenizer, config: ScoreConfig | None = None):
         self.config = config or ScoreConfig()
-        super().__init__(model, tokenizer, self.config.onednn_linear)
+        super().__init__(model, tokenizer, self.config.onednn_linear, self.config.compile)
         # Switches an sdpa model to prepack_varlen (sdpa for every call but packed prefill).
         self.varlen = self.config.varlen and enable_varlen(model)
         c = self.config

@@ -10,6 +10,14 @@ TORCH=${PREPACK_TORCH-torch==2.13.0}
 EXTRA=${1:-}
 stamp=.venv/.installed${EXTRA:+-$EXTRA}
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then exit 0; fi
+# The tests compile decoder layers with inductor (model.compile), which needs a C++ compiler.
+if [ "$EXTRA" = test ] && ! command -v g++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing g++ (inductor's C++ compiler)"; apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+  else
+    echo "setup: no g++: tests/test_compile.py needs a C++ compiler (apt-get install g++)" >&2; exit 1
+  fi
+fi
 [ -x .venv/bin/python ] || { echo "setup: creating .venv"; "$PY" -m venv .venv; }
 if [ -n "$TORCH" ]; then echo "setup: installing $TORCH"; .venv/bin/python -m pip install --progress-bar off "$TORCH" | grep -v "^Requirement already satisfied" || true; fi
 echo "setup: installing prepack${EXTRA:+ with [$EXTRA]} (first time: a few minutes)"

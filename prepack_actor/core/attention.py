@@ -36,6 +36,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .compile import opaque
+
 NAME = "prepack_varlen"
 CPU_KERNELS = ("loop", "block")
 BLOCK_SIZE = 128  # query rows per block ("block" kernel) and per tile (long sliding prompts)
@@ -80,6 +82,7 @@ def decoding(cache):
         _DECODING.reset(token)
 
 
+@opaque  # loops over prompts in Python: eager inside compiled layers (core/compile.py)
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      sliding_window: int | None = None, is_causal: bool | None = None,

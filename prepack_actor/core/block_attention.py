@@ -131,10 +131,11 @@ def _loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: flo
     kt, vt = k.permute(1, 2, 0), v.transpose(0, 1)  # [Hkv, D, slots], [Hkv, slots, D] (views)
     out = q.new_empty(b, hkv, h // hkv, d)
     fp32 = v.dtype == torch.float32
-    for i, (s, e) in enumerate(p.ranges):
-        scores = torch.bmm(qg[i], kt[:, :, s:e])  # [Hkv, G, n]
+    # unbind once and write in place: ~5 calls a row instead of ~8 (dispatch is most of a short row's cost)
+    for qi, oi, (s, e) in zip(qg.unbind(0), out.unbind(0), p.ranges):
+        scores = torch.bmm(qi, kt[:, :, s:e])  # [Hkv, G, n]
         weights = scores.softmax(-1) if fp32 else scores.softmax(-1, dtype=torch.float32).to(v.dtype)
-        out[i] = torch.bmm(weights, vt[:, s:e])
+        torch.bmm(weights, vt[:, s:e], out=oi)
     return out.view(b, 1, h, d)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .compile import opaque
 from .packing import PackedBatch
 
 BLOCK_SIZE = 8  # tokens per block (docs/decode.md: 8 vs 16/32 on CPU)
@@ -84,6 +85,9 @@ class BlockCache(Cache):
         self.head_orders: dict = {}  # layer -> query-head order for its kv heads (block_attention.head_order)
         self.writes = self.reads = 0  # layer updates / block attention calls this step (must match)
         self.keys_read = self.keys_real = 0  # keys attended, summed over steps (and windows): read (padding too) / real
+
+    # Index bookkeeping on Python objects: eager inside compiled layers (core/compile.py).
+    update = opaque(Cache.update)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from . import attention, masks
+from .compile import opaque_cache
 from .packing import PackedBatch
 
 
@@ -119,12 +120,13 @@ def packed_forward(model, batch: PackedBatch, slots: torch.Tensor, use_cache: bo
         attn = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     else:
         attn = dict(attention_mask=masks.for_model(model, batch))  # [R, 1, W, W]
+    cache = opaque_cache(DynamicCache()) if use_cache else None
     with head_only_at(model, slots):
         out = model(
             input_ids=batch.input_ids.to(device),  # [R, W]
             position_ids=batch.position_ids.to(device),  # [R, W]
             # plain layers: a sliding layer would drop other prompts' keys
-            past_key_values=DynamicCache() if use_cache else None,
+            past_key_values=cache,
             use_cache=use_cache,
             **attn,
         )

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .compile import opaque_cache
 from .packing import PackedBatch
 
 
@@ -82,7 +83,7 @@ def unpack(cache: DynamicCache, packed: PackedBatch, room: int = 0,
         layers.append(BufferedLayer(k, v, room))
     # Plain (non-sliding) layers throughout: a sliding window, if any, is applied by the
     # model's mask over positions, as it is for `generate` with left padding.
-    out = DynamicCache()
+    out = opaque_cache(DynamicCache())  # eager updates inside compiled layers
     out.layers = layers
     return out, valid.long()
 

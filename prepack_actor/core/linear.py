@@ -56,8 +56,42 @@ def _forward(module: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if x.dtype != weight.dtype:  # e.g. an fp32 head over bf16 hidden states: torch's path
             return nn.functional.linear(x, module.weight, bias)
+        if torch.compiler.is_compiling():  # opaque to inductor, which cannot lower the packed weight
+            return packed_linear(x, weight, bias, module.out_features)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return forward
+
+
+# The same calls as custom ops, for compiled graphs (core/compile.py): inductor fuses the
+# elementwise work around them and calls oneDNN on the packed weights as they are.
+@torch.library.custom_op("prepack::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("prepack::packed_gated_mlp", mutates_args=())
+def packed_gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                     gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+                     out_features: int) -> torch.Tensor:
+    return _gated_packed(x, gate, up, down, gate_bias, up_bias, down_bias)
+
+
+@packed_gated_mlp.register_fake
+def _(x, gate, up, down, gate_bias, up_bias, down_bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _gated_packed(x, gate, up, down, gate_bias, up_bias, down_bias):
+    """down(silu(gate(x)) * up(x)) on packed weights, SiLU and the product fused as oneDNN post-ops."""
+    x = x.contiguous()
+    g = torch.ops.mkldnn._linear_pointwise(x, gate, gate_bias, "swish", [], "")  # silu(gate(x))
+    h = torch.ops.mkldnn._linear_pointwise(x, g, up, up_bias, "mul")  # up(x) * g
+    return torch.ops.mkldnn._linear_pointwise(h, down, down_bias, "none", [], "")
 
 
 def _gated(module: nn.Module) -> bool:
@@ -77,14 +111,14 @@ def _gated(module: nn.Module) -> bool:
 
 def _gated_forward(module: nn.Module):
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+    args = (_packed(gate), _packed(up), _packed(down), gate.bias, up.bias, down.bias)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., hidden]
         if x.dtype != gate.weight.dtype:
             return down(nn.functional.silu(gate(x)) * up(x))
-        x = x.contiguous()
-        g = torch.ops.mkldnn._linear_pointwise(x, _packed(gate), gate.bias, "swish", [], "")  # silu(gate(x))
-        h = torch.ops.mkldnn._linear_pointwise(x, g, _packed(up), up.bias, "mul")  # up(x) * g
-        return down(h)
+        if torch.compiler.is_compiling():
+            return packed_gated_mlp(x, *args, down.out_features)
+        return _gated_packed(x, *args)
     return forward
 
 
