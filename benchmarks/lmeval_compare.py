@@ -67,6 +67,8 @@ def compare(tmp: Path) -> None:
     ap.add_argument("--max-group-tokens", type=int, default=8192, help="prepack tokens per forward pass")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--job", action="store_true", help="also run the Ray job (adds Ray start-up per repeat)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the library with compiled decoder layers (ScoreConfig.compile, compiled before timing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -87,6 +89,10 @@ def compare(tmp: Path) -> None:
         for b in map(int, args.hf_batch_sizes.split(","))}
     methods["prepack library"] = lambda: [lp for r in scorer.score(items) for lp in r.choice_logprobs]
     methods["prepack lm-eval backend"] = lambda: [ll for ll, _ in backend.loglikelihood(instances)]
+    if args.compile:
+        compiled = Scorer(model, tok, ScoreConfig(max_group_tokens=args.max_group_tokens, compile=True))
+        compiled.warm_up()
+        methods["prepack library, compiled"] = lambda: [lp for r in compiled.score(items) for lp in r.choice_logprobs]
     summaries: list[dict] = []
     if args.job:
         def job():

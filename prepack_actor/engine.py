@@ -79,6 +79,13 @@ class Engine(ModelRunner):
             warnings.warn(f"prepack: {type(model).__name__} decodes on the left-padded cache: {self.decode_refusal}",
                           stacklevel=2)
 
+    def warm_up(self) -> None:
+        if self.compile:  # prefills and decode steps of two sequences and of one: dynamo
+            pad = self.pad_id  # compiles a dimension of size 1 apart
+            params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (2, 4)]
+            self.generate_ids([[pad] * 5, [pad] * 3], params)
+            self.generate_ids([[pad] * 4], params[:1])
+
     @on_kernels
     def probe_block_decode(self) -> str | None:
         return block_decode_refusal(self.model, self.block_size, self.pad_id)

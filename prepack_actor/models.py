@@ -146,6 +146,11 @@ class ModelRunner:
         """Decoder layers compiled by inductor inside kernels() (core/compile.py), packed routes only."""
         self.compile = on and self.capability.route != UNPACKED and compile_refusal(self.model) is None
 
+    def warm_up(self) -> None:
+        """Compile the common shapes now rather than in the first real calls (with compile on): the
+        job's actors call it at start-up, so compiling counts as their load time, not as the
+        first groups' prefill. A rarer layout still compiles when it first comes."""
+
     @contextmanager
     def kernels(self):
         """The block the runner's model calls run in: oneDNN linear layers and compiled layers where enabled."""

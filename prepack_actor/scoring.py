@@ -113,6 +113,12 @@ class Scorer(ModelRunner):
         self.loglik = LoglikConfig(pack_capacity=c.pack_capacity, share=c.mode == "shared", varlen=self.varlen,
                                    max_group_tokens=c.max_group_tokens, max_group_prompts=c.max_group_prompts)
 
+    def warm_up(self) -> None:
+        if self.compile:  # one-token continuations (the stream), branches (the tree layout) in one
+            pad = self.pad_id  # row and in two: dynamo compiles a dimension of size 1 apart
+            for contexts in ((4,), (3, 4)):
+                self.loglikelihood([Request([pad] * k, [pad] * n) for k in contexts for n in (1, 2, 3)])
+
     @on_kernels
     def loglikelihood(self, requests: Sequence[Request]) -> list[Loglik]:
         """lm-eval's (log-likelihood, is_greedy) of token requests, grouped under the budgets (loglik.py)."""

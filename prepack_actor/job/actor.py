@@ -58,6 +58,7 @@ class PrepackActor:
         self.runner = self.task.runner(model, tokenizer, config.packing)
         self.runner.onednn_linear &= m.onednn_linear  # model.onednn_linear: false keeps torch's F.linear
         self.runner.use_compile(m.compile)
+        self.runner.warm_up()  # model.compile: compile here, counted in load_s
         self.loop = EngineLoop(self.runner) if config.task == "generate" else None  # concurrent calls share it
         self.counters = threading.Lock()  # groups_done, load_s: calls run in threads
         self.faults = FaultPlan(**faults) if faults else FaultPlan()
