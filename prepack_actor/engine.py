@@ -43,8 +43,8 @@ class EngineConfig(GroupConfig):
     # CPU: linear layers on oneDNN with prepacked weights (core/linear.py; 10-15% faster
     # prefill here, at the cost of a second copy of the weights); False = torch's F.linear.
     onednn_linear: bool = True
-    # Decoder layers compiled by inductor (core/compile.py; ~10% faster prefill on CPU here);
-    # the first calls compile for 10-20 s and need a C++ compiler (else a warning, then eager).
+    # Decoder layers compiled by inductor (core/compile.py; up to 13% faster CPU prefill here);
+    # the first calls compile for 10-25 s and need a C++ compiler (else a warning, then eager).
     compile: bool = False
     # Decode from a block cache of real keys only, prompts admitted as others finish
     # (needs varlen); False = static groups from a left-padded cache (the reference).

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-_COMPILED = "_prepack_compiled"  # per layer: its compiled _call_impl
+_COMPILED = "_prepack_compiled"  # per layer: its compiled forward
 _FAILED = "_prepack_compile_failed"  # per model: why compiling failed (then it stays eager)
 RECOMPILES = 32  # graphs per layer class (dynamo's default, 8, is met by one model's call kinds)
 

@@ -40,7 +40,7 @@ class ModelConfig:
     cache_dir: str = "artifacts/models"  # where tiny:* checkpoints are built
     trust_remote_code: bool = False  # true: run a checkpoint's own Python code (auto_map); never asked interactively
     onednn_linear: bool = True  # CPU: linear layers on oneDNN with prepacked weights (a second copy of the weights)
-    compile: bool = False  # decoder layers compiled by inductor (~10% faster CPU prefill; 10-20 s per actor; needs a C++ compiler)
+    compile: bool = False  # decoder layers compiled by inductor (up to 13% faster CPU prefill; 10-25 s per actor; needs a C++ compiler)
 
     def __post_init__(self):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
