@@ -69,6 +69,7 @@ def test_job_mixed_shards_bad_rows_and_oracle(out_format, tiny_model_dir, ray_lo
     good = {k: v for k, v in rows.items() if k not in inputs["bad"]}
     assert len(good) == 6 and all(r["error"] is None for r in good.values())
     assert summary["errors_by_kind"] == {k: 1 for k in inputs["bad"].values()}
+    assert summary["allocators"] == ["tcmalloc"]  # actors.allocator: auto, with tcmalloc installed (scripts/setup.sh)
 
     # Ids as given or derived; carried columns unchanged (nested ones too).
     assert set(good) == {"p0", "a.jsonl:2", "chat0", "p3", "pq0", "pq1"}
@@ -117,7 +118,9 @@ def test_limit_runs_only_the_first_rows(tiny_model_dir, ray_local, tmp_path):
                              for i in range(20)) + "\n")
     summary = load_job("generate").main([f"model.path={tiny_model_dir('llama')}", f"input.path={src}",
                                          f"output.path={tmp_path / 'out'}", "input.limit=7",
-                                         "sampling.max_new_tokens=2", "actors.concurrency=1"])
+                                         "sampling.max_new_tokens=2", "actors.concurrency=1",
+                                         "actors.allocator=system"])
     table = pa.concat_tables(list(read_output(str(tmp_path / "out"), "parquet")))
     assert sorted(table.column("id").to_pylist()) == sorted(f"r{i}" for i in range(7))
     assert summary["rows_in"] == summary["rows_out"] == 7
+    assert summary["allocators"] == ["system"]  # no LD_PRELOAD for the actors

@@ -182,10 +182,12 @@ def test_cost_separates_fixed_cost_from_throughput():
     import pyarrow as pa
     from prepack_actor.job.pipeline import Cost
     cost = Cost(start_s=5.0)
-    for actor, load, busy in (("a", 2.0, 1.0), ("b", 3.0, 1.0), ("a", 0.0, 2.0), ("b", 0.0, 2.0)):
-        cost.add(pa.table({"actor": [actor], "load_s": [load], "busy_s": [busy]}))
+    for actor, load, busy, malloc in (("a", 2.0, 1.0, "tcmalloc"), ("b", 3.0, 1.0, "system"), ("a", 0.0, 2.0, "tcmalloc"),
+                                      ("b", 0.0, 2.0, "system")):
+        cost.add(pa.table({"actor": [actor], "load_s": [load], "busy_s": [busy], "allocator": [malloc]}))
     s = cost.summary(wall_s=10.0, pairs=300)
     assert (s["actors"], s["load_s"], s["busy_s"]) == (2, 3.0, 6.0)
+    assert s["allocators"] == ["system", "tcmalloc"]  # a mixed cluster shows both
     assert s["fixed_s"] == 12.0  # 5 + 10 - 6 / 2: the rest of the run is the actors' work
     assert s["steady_pairs_per_s"] == 100.0 and s["pairs"] == 300
     assert "pairs" not in cost.summary(wall_s=10.0)  # generation: no pairs

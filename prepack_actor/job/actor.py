@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -66,6 +67,7 @@ class PrepackActor:
         self.carried = carried
         self.groups_done = 0
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.allocator = allocator()
         self.load_s: float | None = time.perf_counter() - t0  # reported with the first staged group
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -89,7 +91,8 @@ class PrepackActor:
             return table
         with self.counters:
             load_s, self.load_s = self.load_s or 0.0, None
-        return stage_stage(table, **self.stage_to, actor=self.name, load_s=load_s, busy_s=time.perf_counter() - t0)
+        return stage_stage(table, **self.stage_to, actor=self.name, load_s=load_s, busy_s=time.perf_counter() - t0,
+                           allocator=self.allocator)
 
     def run_group(self, rows: list[dict]) -> list[dict]:
         """Run the runnable rows of one group; error rows pass through."""
@@ -119,3 +122,12 @@ class PrepackActor:
             return self.task.run(self.loop, rows)
         except Exception:  # noqa: BLE001 - rerun alone: the verdicts are per row (run_group)
             return None
+
+
+def allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" when preloaded (actors.allocator), else "system"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "tcmalloc" if "libtcmalloc" in maps else "system"

@@ -169,6 +169,9 @@ class ActorsConfig:
     max_restarts: int = 4  # times Ray restarts a dead actor (crash, OOM kill), >= -1 (-1 = forever)
     max_task_retries: int = 4  # times a group is retried after its actor died, >= -1 (-1 = forever)
     placement_timeout_s: float = 60.0  # fail when the cluster cannot place the pool within this, > 0
+    # auto: actors preload tcmalloc (LD_PRELOAD libtcmalloc_minimal.so.4, Debian's libtcmalloc-minimal4) when this
+    # machine has it and LD_PRELOAD is unset (fewer page faults; README "Allocator") | system: the C library's malloc
+    allocator: str = "auto"
 
     def __post_init__(self):
         if self.placement_timeout_s <= 0:
@@ -187,6 +190,7 @@ class ActorsConfig:
         _at_least("actors.torch_threads", self.torch_threads, 0)
         _at_least("actors.max_tasks_in_flight", self.max_tasks_in_flight, 1)
         _at_least("actors.max_concurrent_batches", self.max_concurrent_batches, 0)
+        _choice("actors.allocator", self.allocator, ("auto", "system"))
         _at_least("actors.max_restarts", self.max_restarts, -1)
         _at_least("actors.max_task_retries", self.max_task_retries, -1)
 

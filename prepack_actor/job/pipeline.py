@@ -152,15 +152,17 @@ class Cost:
 
     start_s: Ray start, input scan and output checks before the stage runs (driver);
     load_s: the slowest actor's model load; busy_s: actor time in groups (all actors);
+    allocators: the malloc the actors run on ("tcmalloc" | "system", actors.allocator);
     fixed_s: start_s + wall_s less busy_s per actor, i.e. what a longer run does not repeat;
     steady_pairs_per_s (scoring): (prompt, choice) pairs / busy_s per actor.
     """
 
     def __init__(self, start_s: float):
-        self.start_s, self.load_s, self.busy_s, self.actors = start_s, 0.0, 0.0, set()
+        self.start_s, self.load_s, self.busy_s, self.actors, self.allocators = start_s, 0.0, 0.0, set(), set()
 
     def add(self, batch) -> None:
         self.actors.update(a for a in batch.column("actor").to_pylist() if a)
+        self.allocators.update(a for a in batch.column("allocator").to_pylist() if a)
         self.load_s = max([self.load_s, *batch.column("load_s").to_pylist()])
         self.busy_s += sum(batch.column("busy_s").to_pylist())
 
@@ -168,7 +170,8 @@ class Cost:
         actors = max(1, len(self.actors))
         per_actor = self.busy_s / actors
         out = {"start_s": round(self.start_s, 3), "load_s": round(self.load_s, 3), "busy_s": round(self.busy_s, 3),
-               "actors": len(self.actors), "fixed_s": round(max(0.0, self.start_s + wall_s - per_actor), 3)}
+               "actors": len(self.actors), "allocators": sorted(self.allocators),
+               "fixed_s": round(max(0.0, self.start_s + wall_s - per_actor), 3)}
         if pairs is not None:
             out.update(pairs=int(pairs), steady_pairs_per_s=round(pairs / per_actor, 2) if per_actor > 0 else None)
         return out

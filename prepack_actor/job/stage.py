@@ -17,6 +17,9 @@ prepare (tokenize, CPU tasks) -> groups by length under the token budget -> acto
 """
 from __future__ import annotations
 
+import ctypes.util
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -34,6 +37,7 @@ from .rows import (GROUP_SCHEMA, PREPARED_SCHEMA, make_groups, parse_record, row
 from .task import Task, make_task
 
 Row = dict
+TCMALLOC = "libtcmalloc_minimal.so.4"  # Debian's libtcmalloc-minimal4 (what vLLM's CPU engine preloads)
 
 
 def parse_stage(batch: pa.Table) -> pa.Table:
@@ -61,10 +65,21 @@ def actor_pool(actors, concurrent_batches: int = 1) -> dict:
     c = actors.concurrency
     size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
     k = concurrent_batches
-    return dict(compute=ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=max(actors.max_tasks_in_flight, 2 * k),
+    args = dict(compute=ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=max(actors.max_tasks_in_flight, 2 * k),
                                                    max_concurrent_calls_per_actor=k, enable_true_multi_threading=k > 1),
                 num_gpus=actors.gpus_per_actor, num_cpus=actors.cpus_per_actor,
                 max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
+    if preload := allocator_preload(actors.allocator):  # merged with the job's runtime_env by Ray
+        args["runtime_env"] = {"env_vars": {"LD_PRELOAD": preload}}
+    return args
+
+
+def allocator_preload(allocator: str) -> str | None:
+    """actors.allocator -> what the actors' LD_PRELOAD gets, or None: tcmalloc under "auto" when
+    this machine has it and the user set no LD_PRELOAD of their own (theirs is kept)."""
+    if allocator != "auto" or os.environ.get("LD_PRELOAD") or sys.platform != "linux":
+        return None
+    return TCMALLOC if ctypes.util.find_library("tcmalloc_minimal") else None
 
 
 def memory_token_budget(config: ProcessorConfig, model_path: str) -> int:

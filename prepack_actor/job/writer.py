@@ -27,7 +27,8 @@ from .storage import filesystem, output_files, read_table, write_table_atomic
 STAGING = "_staging"
 STAGED_SCHEMA = pa.schema([("file", pa.string()), ("num_rows", pa.int64()), ("num_bytes", pa.int64()),
                            # the actor's account for the summary (fixed cost vs throughput)
-                           ("actor", pa.string()), ("load_s", pa.float64()), ("busy_s", pa.float64())])
+                           ("actor", pa.string()), ("load_s", pa.float64()), ("busy_s", pa.float64()),
+                           ("allocator", pa.string())])
 
 
 def part_name(ids: list[str], fmt: str) -> str:
@@ -38,9 +39,10 @@ def part_name(ids: list[str], fmt: str) -> str:
 
 
 def stage_stage(batch: pa.Table, path: str, storage: StorageConfig | None, actor: str = "", load_s: float = 0.0,
-                busy_s: float = 0.0) -> pa.Table:
+                busy_s: float = 0.0, allocator: str = "") -> pa.Table:
     """Ray Data stage (batch_size=None: one block = one group's rows): stage it as one file.
-    actor / load_s (its model load, on its first group only) / busy_s (this call) go to the summary.
+    actor / load_s (its model load, on its first group only) / busy_s (this call) / allocator
+    (its malloc) go to the summary.
 
     Staging is Parquet whatever output.format is: the table comes back exactly as written."""
     if batch.num_rows == 0:
@@ -49,7 +51,7 @@ def stage_stage(batch: pa.Table, path: str, storage: StorageConfig | None, actor
     name = f"{path.rstrip('/')}/{STAGING}/{part_name(ids, 'parquet')}"
     size = write_table_atomic(batch, name, "parquet", storage)
     return pa.table({"file": [name], "num_rows": [batch.num_rows], "num_bytes": [size], "actor": [actor],
-                     "load_s": [load_s], "busy_s": [busy_s]}, schema=STAGED_SCHEMA)
+                     "load_s": [load_s], "busy_s": [busy_s], "allocator": [allocator]}, schema=STAGED_SCHEMA)
 
 
 class Committer:
