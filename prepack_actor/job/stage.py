@@ -59,7 +59,7 @@ def group_stage(batch: pa.Table, max_group_tokens: int, max_group_prompts: int) 
 
 def actor_pool(actors, concurrent_batches: int = 1) -> dict:
     """map_batches arguments for the actor pool: size (fixed or autoscaling), resources,
-    restarts and retries, calls running at once. A dead actor is restarted (max_restarts) and
+    restarts and retries, calls running at once, the actors' malloc (actors.allocator). A dead actor is restarted (max_restarts) and
     its unfinished groups retried (max_task_retries); Ray 2.60 takes both as remote args.
     Concurrent calls run in threads of one actor (engine_loop.py shares its running batch)."""
     c = actors.concurrency
