@@ -58,15 +58,20 @@ def _forward(module: nn.Linear):
             return nn.functional.linear(x, module.weight, bias)
         if torch.compiler.is_compiling():  # opaque to inductor, which cannot lower the packed weight
             return packed_linear(x, weight, bias, module.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        return _linear_packed(x, weight, bias)
     return forward
+
+
+def _linear_packed(x, weight, bias):
+    """x @ weight.T + bias on a packed weight (oneDNN)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 # The same calls as custom ops, for compiled graphs (core/compile.py): inductor fuses the
 # elementwise work around them and calls oneDNN on the packed weights as they are.
 @torch.library.custom_op("prepack::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return _linear_packed(x, weight, bias)
 
 
 @packed_linear.register_fake
@@ -91,7 +96,7 @@ def _gated_packed(x, gate, up, down, gate_bias, up_bias, down_bias):
     x = x.contiguous()
     g = torch.ops.mkldnn._linear_pointwise(x, gate, gate_bias, "swish", [], "")  # silu(gate(x))
     h = torch.ops.mkldnn._linear_pointwise(x, g, up, up_bias, "mul")  # up(x) * g
-    return torch.ops.mkldnn._linear_pointwise(h, down, down_bias, "none", [], "")
+    return _linear_packed(h, down, down_bias)
 
 
 def _gated(module: nn.Module) -> bool:

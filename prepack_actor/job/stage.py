@@ -59,9 +59,10 @@ def group_stage(batch: pa.Table, max_group_tokens: int, max_group_prompts: int) 
 
 def actor_pool(actors, concurrent_batches: int = 1) -> dict:
     """map_batches arguments for the actor pool: size (fixed or autoscaling), resources,
-    restarts and retries, calls running at once, the actors' malloc (actors.allocator). A dead actor is restarted (max_restarts) and
-    its unfinished groups retried (max_task_retries); Ray 2.60 takes both as remote args.
-    Concurrent calls run in threads of one actor (engine_loop.py shares its running batch)."""
+    restarts and retries, calls running at once, the actors' malloc (actors.allocator). A dead
+    actor is restarted (max_restarts) and its unfinished groups retried (max_task_retries);
+    Ray 2.60 takes both as remote args. Concurrent calls run in threads of one actor
+    (engine_loop.py shares its running batch)."""
     c = actors.concurrency
     size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
     k = concurrent_batches
