@@ -30,7 +30,7 @@ from .core.packing import pack
 from .core.sampling import Sampler, SamplingParams, expand
 from .inputs import Prompt, encode_prompts
 from .models import ModelRunner, on_kernels
-from .outputs import Admission, Completion, GenerationResult, StopChecker, generation_result  # noqa: F401 (API)
+from .outputs import Admission, Completion, GenerationResult, StopChecker, StopText, generation_result  # noqa: F401 (API)
 from .scheduler import Batch, Run, Scheduler, Seq
 
 
@@ -239,9 +239,9 @@ class Engine(ModelRunner):
         first = sampler(logits if index is None else logits[index.to(logits.device)])
         t_first = self.now()
         lengths = packed.length if index is None else packed.length[index]
-        keys = [0, 0]
+        keys, texts = [0, 0], [StopText() for _ in seqs]
         decoded = decode(self.model, cache, attention_mask, lengths, first, sampler, seqs,
-                         lambda s, tokens: self.stops.check(tokens, seqs[s]), self.sync, keys)
+                         lambda s, tokens: self.stops.check(tokens, seqs[s], texts[s]), self.sync, keys)
         self.keys_read, self.keys_real = self.keys_read + keys[0], self.keys_real + keys[1]
         adm = Admission(t0, prefill_s=t_prefilled - t_packed, first=t_first,
                         overhead_s=(t_packed - t0) + (t_first - t_prefilled), pack_prompts=len(ids),

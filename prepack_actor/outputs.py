@@ -54,15 +54,42 @@ class Admission:
     pack_efficiency: float = 1.0
 
 
+@dataclass
+class StopText:
+    """One sequence's generated text for its stop strings, kept across checks and extended
+    with vLLM's prefix/read offsets: a check decodes the tokens since the last one with a few
+    before them for context, not the whole sequence (O(tokens), not O(tokens^2), per sequence)."""
+    text: str = ""  # the text of tokens[:read], equal to decoding them whole
+    prefix: int = 0  # the decode window starts here: tokens[prefix:read] give the new tokens context
+    read: int = 0  # tokens whose text is in `text`
+    searched: int = 0  # chars of `text` already searched for every stop string, with no hit
+    after: int | None = None  # chars of the first min_tokens tokens' text (computed once)
+
+
+def append_only(tokenizer) -> bool:
+    """Whether decoding one more token only appends text, so StopText may extend it. Not so
+    where a cleanup pass rewrites text already decoded (" ." becomes "." once the "." comes:
+    WordPiece's decoder, transformers' clean_up_tokenization_spaces), nor known for a
+    tokenizer without a `tokenizers` backend: those decode the whole text each check."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    return backend.decoder is None or b'"cleanup":true' not in backend.decoder.__getstate__()
+
+
 class StopChecker:
     """EOS ids, stop token ids and stop strings, none before min_tokens (vLLM's rules);
     decodes text only for sequences that have stop strings."""
 
     def __init__(self, tokenizer, eos_ids: set[int]):
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.incremental = append_only(tokenizer)
 
-    def check(self, tokens: list[int], params: SamplingParams) -> tuple[bool, int | None, str | int | None]:
-        """-> (stopped, char offset of the stop string or None, stop reason)."""
+    def check(self, tokens: list[int], params: SamplingParams,
+              text: StopText | None = None) -> tuple[bool, int | None, str | int | None]:
+        """-> (stopped, char offset of the stop string or None, stop reason), after tokens[-1]
+        joined. text: the sequence's StopText, kept by the caller across its checks (needed
+        when params.stop is set)."""
         if len(tokens) <= params.min_tokens:
             return False, None, None
         if not params.ignore_eos and tokens[-1] in self.eos_ids:
@@ -70,14 +97,40 @@ class StopChecker:
         if tokens[-1] in params.stop_token_ids:
             return True, None, tokens[-1]
         if params.stop:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            # Only a stop string that ends after the first min_tokens tokens counts (vLLM).
-            after = len(self.tokenizer.decode(tokens[:params.min_tokens], skip_special_tokens=True)) \
-                if params.min_tokens else 0
-            hits = [(i, s) for s in params.stop if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
+            assert text is not None, "stop strings need the sequence's StopText"
+            return self.scan(tokens, params, text)
+        return False, None, None
+
+    def scan(self, tokens: list[int], params: SamplingParams, t: StopText) -> tuple[bool, int | None, str | None]:
+        """The first stop string in the text of `tokens` (ending after min_tokens' text), as
+        decoding them whole finds it, searching only the text added since the last check (an
+        earlier hit would have stopped the sequence then). Offsets are in the whole decode,
+        which `completion` cuts."""
+        if t.after is None:
+            t.after = len(self._decode(tokens[:params.min_tokens])) if params.min_tokens else 0
+        whole = None if self.incremental else self._decode(tokens)
+        if self.incremental:
+            before = self._decode(tokens[t.prefix:t.read])
+            new = self._decode(tokens[t.prefix:])[len(before):]
+            if "\ufffd" in before + new:  # invalid UTF-8 bytes can change text decoded earlier: decode it whole
+                whole = self._decode(tokens)
+            if new and not new.endswith("\ufffd"):  # the last character is complete: commit
+                t.text = whole if whole is not None else t.text + new
+                t.prefix, t.read, new = t.read, len(tokens), ""
+        old, t.searched = t.searched, len(t.text)
+        # the text to search: the whole decode, or the new text and the longest stop string's reach before it
+        lo = 0 if whole is not None else max(0, old - max(map(len, params.stop)) + 1)
+        text = whole if whole is not None else t.text[lo:] + new
+        old = 0 if whole is not None else old
+        if any(text.find(s, max(0, t.after - len(s) + 1 - lo, old - len(s) + 1 - lo)) >= 0 for s in params.stop):
+            full = whole if whole is not None else self._decode(tokens)
+            hits = [(i, s) for s in params.stop if (i := full.find(s, max(0, t.after - len(s) + 1))) >= 0]
             if hits:
                 return True, *min(hits)
         return False, None, None
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def completion(tokenizer, index: int, d: Decoded) -> Completion:

@@ -24,7 +24,7 @@ from .core.block_cache import BlockCache
 from .core.decode import Decoded
 from .core.finish import EOS, LENGTH, RUNNING, STOP_ID, Finisher
 from .core.sampling import Logprob, Sampler, SamplingParams, Step
-from .outputs import Admission
+from .outputs import Admission, StopText
 
 ADMIT_FRACTION = 8  # admit when at least max_num_seqs // ADMIT_FRACTION slots are free (docs/decode.md)
 
@@ -83,6 +83,7 @@ class Seq:
     params: SamplingParams
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
+    text: StopText = field(default_factory=StopText)  # its text so far, for stop strings only
 
 
 @dataclass
@@ -149,7 +150,7 @@ class Run:
                 seq.logprobs.append(step.logprobs[j])
             code, stop_at, reason = codes[j], None, tokens[j] if codes[j] == STOP_ID else None
             if seq.params.stop and code in (RUNNING, LENGTH):  # text only for rows with stop strings
-                stopped, stop_at, reason = stops.check(seq.tokens, seq.params)
+                stopped, stop_at, reason = stops.check(seq.tokens, seq.params, seq.text)
                 code = EOS if stopped else code
             if code == RUNNING:
                 keep.append(b)

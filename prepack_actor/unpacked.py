@@ -20,7 +20,7 @@ from .capability import UNPACKED
 from .core.decode import Decoded
 from .core.packing import pad_left
 from .core.sampling import SamplingParams, Sampler, expand
-from .outputs import Admission, generation_result
+from .outputs import Admission, StopText, generation_result
 
 
 class SamplerProcessor(LogitsProcessor):
@@ -104,9 +104,10 @@ def generate(engine, ids: list[list[int]], params: list[SamplingParams], padded:
 def _stopped(engine, tokens: list[int], logprobs, params: SamplingParams, now: float) -> Decoded:
     """Cut a sequence's tokens where the decode loop would have stopped it (same rules)."""
     out: list[int] = []
+    text = StopText()
     for t in tokens[: params.max_new_tokens]:
         out.append(t)
-        stop, stop_at, reason = engine.stops.check(out, params)
+        stop, stop_at, reason = engine.stops.check(out, params, text)
         if stop:
             return Decoded(out, "stop", stop_at, reason, now, _cut(logprobs, len(out), params))
     return Decoded(out, "length", None, None, now, _cut(logprobs, len(out), params))
