@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python benchmarks/decode_sweep.py --data ../shared/data --model artifacts/llama-small \
         --n 64 --max-num-seqs 16,32,64,128
 
-fp32, one thread, greedy, EOS ignored, max_new_tokens drawn per prompt from 8..256 (seed 0).
+fp32, one thread, greedy, EOS ignored, max_new_tokens drawn per prompt from 8..256 (seed 0)
+or `--new-tokens N` for all.
 Reports CPU seconds (robust on a shared machine) and wall seconds of Engine.generate, and
 the left-padded static groups (block_decode=False) as the reference.
 """
@@ -27,13 +28,14 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", default="16,32,64,128")
     ap.add_argument("--admit-fractions", default="", help="also sweep scheduler.ADMIT_FRACTION, e.g. 1,2,4,8")
     ap.add_argument("--no-leftpad", action="store_true", help="skip the left-padded reference")
+    ap.add_argument("--new-tokens", type=int, default=0, help="every prompt this many tokens (0: drawn 8..256)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model, dtype="float32", device="cpu")
     lines = (Path(args.data) / f"{args.dataset}.jsonl").read_text().splitlines()[: args.n]
     ids = [tok(json.loads(x)["prompt"])["input_ids"] for x in lines]
     rng = random.Random(0)
-    params = [SamplingParams(max_new_tokens=rng.randint(8, 256), ignore_eos=True) for _ in ids]
+    params = [SamplingParams(max_new_tokens=args.new_tokens or rng.randint(8, 256), ignore_eos=True) for _ in ids]
     out = sum(p.max_new_tokens for p in params)
     configs = [(f"max_num_seqs={m}", EngineConfig(max_num_seqs=int(m)), None) for m in args.max_num_seqs.split(",")]
     m = int(args.max_num_seqs.split(",")[-1])

@@ -108,21 +108,24 @@ class StopChecker:
         which `completion` cuts."""
         if t.after is None:
             t.after = len(self._decode(tokens[:params.min_tokens])) if params.min_tokens else 0
-        whole = None if self.incremental else self._decode(tokens)
+        new, whole = "", None
         if self.incremental:
             before = self._decode(tokens[t.prefix:t.read])
             new = self._decode(tokens[t.prefix:])[len(before):]
-            if "\ufffd" in before + new:  # invalid UTF-8 bytes can change text decoded earlier: decode it whole
+            if "\ufffd" in before + new:  # invalid UTF-8 bytes can change how earlier text reads
                 whole = self._decode(tokens)
             if new and not new.endswith("\ufffd"):  # the last character is complete: commit
                 t.text = whole if whole is not None else t.text + new
                 t.prefix, t.read, new = t.read, len(tokens), ""
-        old, t.searched = t.searched, len(t.text)
-        # the text to search: the whole decode, or the new text and the longest stop string's reach before it
-        lo = 0 if whole is not None else max(0, old - max(map(len, params.stop)) + 1)
-        text = whole if whole is not None else t.text[lo:] + new
-        old = 0 if whole is not None else old
-        if any(text.find(s, max(0, t.after - len(s) + 1 - lo, old - len(s) + 1 - lo)) >= 0 for s in params.stop):
+        else:
+            whole = self._decode(tokens)
+        if whole is None:  # the new text, and as far back as the longest stop string reaches
+            lo = max(0, t.searched - max(map(len, params.stop)) + 1)
+            text, since = t.text[lo:] + new, t.searched - lo
+        else:  # all of it: any part may read differently now
+            lo, text, since = 0, whole, 0
+        t.searched = len(t.text)
+        if any(text.find(s, max(0, t.after - lo - len(s) + 1, since - len(s) + 1)) >= 0 for s in params.stop):
             full = whole if whole is not None else self._decode(tokens)
             hits = [(i, s) for s in params.stop if (i := full.find(s, max(0, t.after - len(s) + 1))) >= 0]
             if hits:

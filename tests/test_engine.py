@@ -142,3 +142,13 @@ def test_timing_and_pack_fields(tiny_model_dir):
     assert [r.token_ids for r in results] == [r.token_ids for r in dense]
     for r in results + dense:
         assert 0 < r.prefill_s <= r.ttft_s and r.decode_s > 0 and r.overhead_s >= 0
+
+
+def test_max_num_seqs_default_follows_the_device(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir("llama"), dtype="float32", device="cpu")
+    run = Engine(model, tok).new_run([3, 4], [SamplingParams()] * 2)
+    assert run.scheduler.max_num_seqs == 256  # None on CPU: vLLM's LLM-class default there
+    assert Engine(model, tok, EngineConfig(max_num_seqs=3)).new_run([3], [SamplingParams()]).scheduler.max_num_seqs == 3
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="max_num_seqs must be an int >= 1"):
+            EngineConfig(max_num_seqs=bad)
