@@ -24,7 +24,7 @@ output_row, to_table = TASK.output_row, TASK.to_table
 
 
 def group_rows(rows, tok, max_context, max_group_tokens, max_group_prompts):
-    return make_groups([TASK.prepare_row(r, tok, max_context) for r in rows], max_group_tokens, max_group_prompts)
+    return make_groups(TASK.prepare_rows(rows, tok, max_context), max_group_tokens, max_group_prompts)
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = [json.loads(line) for line in (ROOT / "prepack_actor/data/sample_scoring.jsonl").read_text().splitlines()][:8]
@@ -121,6 +121,29 @@ def test_actor_scores_groups_and_passes_error_rows(tiny_model_dir, tmp_path):
         packing=PackingConfig(max_group_tokens=600), scoring=ScoringConfig(mode="shared", max_length=ROLLING_MAX)))
     out = [r for blob in groups["rows"] for r in actor.run_group(unpack_group(blob))]
     check_rows(to_table(out).to_pylist(), model, tok)
+
+
+def test_prepare_rows_tokenizes_items_in_one_call_as_row_by_row(tiny_model_dir, tmp_path):
+    _, tok = load_model(tiny_model_dir("llama"), dtype="float32", device="cpu")
+    rows = parse_jsonl_shard(write_input(tmp_path / "in.jsonl").read_bytes(), "in.jsonl")
+    rows.append(dict(rows[0], id="too-long", prompt="word " * 3000))  # an item error found while tokenizing
+    alone = [TASK.prepare_row(r, tok, 2048) for r in rows]
+    calls = [0]
+    plain = type(tok).__call__
+
+    def counting(self, *a, **kw):
+        calls[0] += 1
+        return plain(self, *a, **kw)
+
+    type(tok).__call__ = counting
+    try:
+        batched = TASK.prepare_rows(rows, tok, 2048)
+    finally:
+        type(tok).__call__ = plain
+    assert batched == alone  # same rows, payloads (ScoreItem, EncodedItem / RollingDoc) and errors, in order
+    items = [r for r in alone if r["payload"] is not None and r["payload"][0] is not None]
+    assert len(items) >= 10 and [r["error_kind"] for r in alone].count("too_long") == 1
+    assert calls[0] <= 2 + len(ROLLING)  # the items' pairs in one batched encode; each document its own
 
 
 def test_summary_accuracy_equals_rows_and_rigged_scores_give_100_percent():

@@ -205,8 +205,7 @@ def dry_run_rows(fs, shards, processor: Processor, limit: int = 0, n: int = 5) -
     tokenizer, max_context = load_tokenizer(processor.model_path, processor.config.model.trust_remote_code)
     print(f"dry run: {len(shards)} shard(s), model {processor.model_path}, task {processor.task.name}; "
           f"the first {len(rows)} rows of {path}:")
-    for r in rows:
-        r = processor.task.prepare_row(r, tokenizer, max_context)
+    for r in processor.task.prepare_rows(rows, tokenizer, max_context):
         what = f"error {r['error_kind']}: {r['error']}" if r["error"] else f"{r['num_input_tokens']} tokens"
         print(f"  {r['id'] if len(r['id']) <= 60 else r['id'][:57] + '...'}: {what}")
     print("dry run: config, input and model are usable; nothing was written")

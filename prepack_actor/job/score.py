@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from .. import unpacked
 from ..capability import PACKED
-from ..inputs import BadInput, encode_ids, prefix_token
+from ..inputs import BadInput, ScoreItem, check_item, encode_ids, encode_items, prefix_token
 from ..loglik import rolling_doc
 from ..scoring import ScoreConfig, Scorer, ScoreResult, prepare
 from .config import PackingConfig, ScoringConfig
@@ -46,6 +46,30 @@ class ScoreTask(Task):
 
     def __init__(self, scoring: ScoringConfig, pack_capacity: int | None = None):
         self.scoring, self.pack_capacity = scoring, pack_capacity  # a pair wider than a row is an error row
+
+    def prepare_rows(self, rows: list[dict], tokenizer, max_context: int | None) -> list[dict]:
+        """prepare_row on each row, but every valid item's (prompt, choice) pairs go through one
+        tokenizer call (inputs.encode_items, as Scorer.score does); other rows one by one."""
+        out: list[dict | None] = [None] * len(rows)
+        items: list[tuple[int, ScoreItem]] = []
+        for i, r in enumerate(rows):
+            if (item := _valid_item(r)) is not None:
+                items.append((i, item))
+            else:  # documents, error rows: the row's own path says what is wrong
+                out[i] = self.prepare_row(r, tokenizer, max_context)
+        try:
+            encoded = encode_items(tokenizer, [it for _, it in items], max_context, self.pack_capacity)
+        except Exception:  # noqa: BLE001 - an unexpected failure: each row meets it alone (prepare_row)
+            encoded = [None] * len(items)
+        shared = self.scoring.mode == "shared"
+        for (i, item), enc in zip(items, encoded):
+            if enc is None:
+                out[i] = self.prepare_row(rows[i], tokenizer, max_context)
+            elif isinstance(enc, BadInput):
+                out[i] = dict(rows[i], num_input_tokens=0, payload=None, error=enc.reason, error_kind=enc.kind)
+            else:
+                out[i] = dict(rows[i], num_input_tokens=enc.num_tokens(shared), payload=(item, enc))
+        return out  # type: ignore[return-value]
 
     def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
         """Validate an item or a request and tokenize with lm-eval's rule (inputs.encode_items)."""
@@ -117,6 +141,18 @@ class ScoreTask(Task):
 ROLLING = "loglikelihood_rolling"
 REQUEST_TYPES = ("loglikelihood", ROLLING)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's max_length when neither the config nor the tokenizer says
+
+
+def _valid_item(row: dict) -> ScoreItem | None:
+    """A row's checked ScoreItem (an item or a loglikelihood request), or None when it is
+    anything else: an error row, a rolling request, an invalid row."""
+    if row["error"] is not None or row["prompt"] is None:
+        return None
+    try:
+        item = as_item(row)
+        return None if item is None else check_item(item)
+    except Exception:  # noqa: BLE001 - BadInput or worse: prepare_row makes the row's error
+        return None
 
 
 def as_item(row: dict) -> dict | None:

@@ -48,8 +48,7 @@ def parse_stage(batch: pa.Table) -> pa.Table:
 def prepare_stage(batch: pa.Table, task: Task, model_path: str, trust_remote_code: bool = False) -> pa.Table:
     """Parsed rows -> prepared rows (tokenized, num_input_tokens, payload)."""
     tokenizer, max_context = load_tokenizer(model_path, trust_remote_code)
-    return rows_to_table([task.prepare_row(r, tokenizer, max_context) for r in table_to_rows(batch)],
-                         PREPARED_SCHEMA)
+    return rows_to_table(task.prepare_rows(table_to_rows(batch), tokenizer, max_context), PREPARED_SCHEMA)
 
 
 def group_stage(batch: pa.Table, max_group_tokens: int, max_group_prompts: int) -> pa.Table:

@@ -3,6 +3,7 @@
 A task (generate, score) is small picklable settings plus five answers:
     prepare(row, tokenizer, max_context)   validate + tokenize one parsed row (CPU stage):
                                            sets num_input_tokens and payload, or an error
+                                           (prepare_rows: a batch, which may tokenize at once)
     runner(model, tokenizer, packing)      the library object an actor holds (Engine, Scorer)
     run(runner, rows)                      one library call on one group of runnable rows
     output_row(row, result, error)         the written row (typed by output_schema)
@@ -42,6 +43,10 @@ class Task:
                 row.update(error=f"cannot prepare: {type(e).__name__}: {str(e)[:300]}", error_kind="internal_error",
                            num_input_tokens=0, payload=None)
         return row
+
+    def prepare_rows(self, rows: list[dict], tokenizer, max_context: int | None) -> list[dict]:
+        """prepare_row over a batch of rows (the prepare stage); a task may tokenize them at once."""
+        return [self.prepare_row(r, tokenizer, max_context) for r in rows]
 
     def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
         raise NotImplementedError
