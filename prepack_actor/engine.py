@@ -11,6 +11,7 @@ from a left-padded cache instead (pack, prefill, unpack, decode; core/decode.py)
 """
 from __future__ import annotations
 
+import heapq
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -160,9 +161,13 @@ class Engine(ModelRunner):
 
     def new_run(self, lengths: list[int], params: list[SamplingParams]) -> Run:
         """A scheduler with these prompts waiting and an empty running batch (block decode)."""
-        c = self.config
+        c, bs = self.config, self.block_size
+        # The pools' size at the batch's peak: the max_num_seqs largest reserves (prompt + new
+        # tokens, per sequence), so they are allocated once instead of growing by copies.
+        blocks = (-(-(n + p.max_new_tokens) // bs) for n, p in zip(lengths, params) for _ in range(p.n))
+        peak = sum(heapq.nlargest(self.max_num_seqs, blocks)) * bs
         return Run(Scheduler(lengths, params, self.max_num_seqs, c.max_group_prompts, c.max_group_tokens, c.sort_by_length),
-                   Batch(BlockCache(self.model.config.num_hidden_layers, self.block_size)))
+                   Batch(BlockCache(self.model.config.num_hidden_layers, bs, expect_tokens=peak)))
 
     def advance(self, run: Run, ids) -> None:
         """One turn of the main loop: admit waiting prompts (one packed prefill), one decode step.

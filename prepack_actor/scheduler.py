@@ -11,7 +11,8 @@ engine_loop.py keeps one Run across concurrent calls):
 
 Admission waits until an eighth of the slots are free (or nothing runs), so prefills come
 in packs rather than one prompt at a time (a packed pass of k prompts costs far less than
-k passes). Prompts go longest first when sort_by_length, as the static groups did.
+k passes); the last waiting prompts join at once when they all fit (else they would wait
+for the batch to drain, then decode alone). Prompts go longest first when sort_by_length, as the static groups did.
 """
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ class Scheduler:
         """Prompts to prefill now, given `running` sequences: as many as fit the free slots
         (a prompt takes n) and one packed pass's budgets; [] while too few slots are free."""
         free = self.max_num_seqs - running
-        if not self.waiting or (running and free < max(1, self.max_num_seqs // ADMIT_FRACTION)):
+        if not self.waiting or free <= 0:
             return []
+        if running and free < max(1, self.max_num_seqs // ADMIT_FRACTION) and not self._all_fit(free):
+            return []  # too few slots for a pack: wait for more (unless the last prompts all fit now)
         out, seqs, tokens = [], 0, 0
         for p in self.waiting:
             n, length = self.params[p].n, self.lengths[p]
@@ -73,6 +76,10 @@ class Scheduler:
         for _ in out:
             self.waiting.popleft()
         return out
+
+    def _all_fit(self, free: int) -> bool:
+        """Every waiting prompt's sequences fit the free slots (waiting for more gains nothing)."""
+        return len(self.waiting) <= free and sum(self.params[p].n for p in self.waiting) <= free
 
 
 @dataclass

@@ -43,6 +43,22 @@ def test_add_copies_each_prompt_into_its_run_and_finished_runs_are_reused():
     assert c.free == [(0, blocks)]  # every run merged back into one
 
 
+def test_pools_start_at_the_expected_peak_and_grow_keeping_every_row():
+    batch, cache, ref = packed_cache([5, 11])
+    c = BlockCache(2, block_size=4, expect_tokens=30)
+    c.add(cache, batch, reserve=[8, 12])
+    assert c.num_blocks == 8 and c.free == [(5, 3)]  # 30 tokens = 8 blocks, allocated once
+    before = [tuple(t.clone() for t in layer.flat()) for layer in c.layers]
+    batch2, cache2, _ = packed_cache([6])
+    c.add(cache2, batch2, reserve=[40])  # 10 blocks > the 3 free: the pools grow (copied)
+    assert c.num_blocks >= 15 and c.runs[-1][1] == 10
+    for (k0, v0), layer in zip(before, c.layers):  # the rows already there kept their keys and values
+        k, v = layer.flat()
+        for first, n in c.runs[:2]:
+            sl = slice(first * 4, first * 4 + n * 4)
+            assert torch.equal(k[sl], k0[sl]) and torch.equal(v[sl], v0[sl])
+
+
 @pytest.mark.parametrize("kernel", block_attention.CPU)
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

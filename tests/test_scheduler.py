@@ -11,6 +11,7 @@ import torch
 
 from prepack_actor import Engine, EngineConfig, SamplingParams, build_tiny_model, load_model
 from prepack_actor.core.finish import EOS, LENGTH, RUNNING, STOP_ID, Finisher
+from prepack_actor.core.block_cache import BlockCache
 from prepack_actor.scheduler import Scheduler
 from test_engine import hf_alone_greedy, random_prompts
 
@@ -91,6 +92,22 @@ def test_prompt_admitted_after_all_others_finished(tiny_model_dir):
     assert engine.keys_real > 0
 
 
+def test_pools_sized_once_and_last_prompts_join_without_waiting(tiny_model_dir, monkeypatch):
+    model, tok = load_model(tiny_model_dir("llama"), dtype="float32", device="cpu")
+    prompts = random_prompts(model.config.vocab_size, [3 + i % 7 for i in range(16)], 2)
+    grows, running = [], []
+    grow, join = BlockCache._grow, Engine.join
+    monkeypatch.setattr(BlockCache, "_grow", lambda self, n: (grows.append(n), grow(self, n)))
+    monkeypatch.setattr(Engine, "join", lambda self, run, *a: (running.append(run.batch.size), join(self, run, *a)))
+    # 16 slots, packs of 5: after three packs 1 slot is free (under 16 / 8) and 1 prompt waits
+    engine, results = run_all(model, tok, prompts, SamplingParams(max_new_tokens=6), max_num_seqs=16,
+                              max_group_prompts=5)
+    assert grows == []  # new_run sized the pools for the batch's peak
+    assert running == [0, 5, 10, 15]  # the last prompt joined at once, not after a pack finished
+    for p, r in zip(prompts, results):
+        assert r.token_ids == hf_alone_greedy(model, p, 6)
+
+
 def test_eos_and_stop_strings_while_prompts_join(tiny_model_dir):
     model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32", device="cpu")
     prompts = random_prompts(model.config.vocab_size, [5, 20, 11, 3, 8], 7)
@@ -135,6 +152,15 @@ def test_finisher_codes_follow_vllm_rules():
     f.select(torch.tensor([0, 1]))
     f.extend(Finisher([SamplingParams(max_new_tokens=1)], {2}, "cpu"))
     assert f.check(torch.tensor([2, 2, 9])).tolist() == [EOS, EOS, LENGTH]
+
+
+def test_scheduler_admits_the_last_prompts_when_they_all_fit():
+    s = Scheduler([10, 20, 30], [SamplingParams(), SamplingParams(n=2), SamplingParams()], max_num_seqs=32,
+                  max_group_prompts=8, max_group_tokens=1000)
+    assert s.admit(29) == []  # 3 free < 32 / 8, and the waiting prompts need 4 sequences
+    assert s.admit(28) == [2, 1, 0] and not s.waiting  # 4 free: all of them, at once
+    s.add([5], [SamplingParams()])
+    assert s.admit(31) == [3]  # one slot, one last prompt
 
 
 def test_scheduler_admits_in_packs_within_budgets():

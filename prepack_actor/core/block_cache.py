@@ -72,8 +72,10 @@ class BlockLayer(CacheLayerMixin):
 class BlockCache(Cache):
     """The running batch's blocks: runs[b] and lengths[b] for batch row b."""
 
-    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE):
-        self.block_size = block_size
+    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE, expect_tokens: int = 0):
+        """expect_tokens: the tokens the running batch is expected to reserve at its peak; the
+        pools start that large, so they need not grow (each growth copies every pool)."""
+        self.block_size, self.expect_blocks = block_size, -(-expect_tokens // block_size)
         super().__init__(layers=[BlockLayer(self) for _ in range(num_layers)])
         self.runs: list[tuple[int, int]] = []  # per batch row: (first block, blocks) of its reserve
         self.lengths: list[int] = []  # per batch row: tokens in cache
@@ -134,12 +136,14 @@ class BlockCache(Cache):
         assert len(reserve) == len(length) and all(r >= n for r, n in zip(reserve, length.tolist()))
         bs = self.block_size
         first = cache.layers[0].keys
+        blocks = [-(-r // bs) for r in reserve]
         if not self.num_blocks:  # pools created at the first add: dtype, heads and head dim known
+            n = max(self.expect_blocks, sum(blocks))
             for layer, src in zip(self.layers, cache.layers):
-                shape = (0, bs, src.keys.shape[1], src.keys.shape[3])
+                shape = (n, bs, src.keys.shape[1], src.keys.shape[3])
                 layer.keys, layer.values = first.new_empty(shape), first.new_empty(shape[:3] + (src.values.shape[3],))
                 layer.dtype, layer.device, layer.is_initialized = first.dtype, first.device, True
-        blocks = [-(-r // bs) for r in reserve]
+            self.num_blocks, self.free = n, [(0, n)]
         short = sum(blocks) - sum(c for _, c in self.free)
         if short > 0:  # one growth for the whole admission, not one per sequence
             self._grow(max(short, self.num_blocks))
