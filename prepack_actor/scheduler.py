@@ -12,7 +12,8 @@ engine_loop.py keeps one Run across concurrent calls):
 Admission waits until an eighth of the slots are free (or nothing runs), so prefills come
 in packs rather than one prompt at a time (a packed pass of k prompts costs far less than
 k passes); the last waiting prompts join at once when they all fit (else they would wait
-for the batch to drain, then decode alone). Prompts go longest first when sort_by_length, as the static groups did.
+for the batch to drain, then decode alone). Prompts go longest first when sort_by_length,
+as the static groups did.
 """
 from __future__ import annotations
 
