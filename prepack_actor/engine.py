@@ -22,7 +22,7 @@ from . import routes
 from .capability import PACKED, UNPACKED
 from .core import kv_cache
 from .core.block_attention import FLASH_PAGE
-from .core.block_cache import BLOCK_SIZE, BlockCache
+from .core.block_cache import BLOCK_SIZE, BlockCache, blocks_for
 from .core.decode import block_decode_refusal, block_step, decode
 from .core.finish import Finisher
 from .core.forward import enable_varlen, last_token_logits
@@ -164,10 +164,10 @@ class Engine(ModelRunner):
         c, bs = self.config, self.block_size
         # The pools' size at the batch's peak: the max_num_seqs largest reserves (prompt + new
         # tokens, per sequence), so they are allocated once instead of growing by copies.
-        blocks = (-(-(n + p.max_new_tokens) // bs) for n, p in zip(lengths, params) for _ in range(p.n))
-        peak = sum(heapq.nlargest(self.max_num_seqs, blocks)) * bs
+        blocks = (blocks_for(n + p.max_new_tokens, bs) for n, p in zip(lengths, params) for _ in range(p.n))
+        peak = sum(heapq.nlargest(self.max_num_seqs, blocks))
         return Run(Scheduler(lengths, params, self.max_num_seqs, c.max_group_prompts, c.max_group_tokens, c.sort_by_length),
-                   Batch(BlockCache(self.model.config.num_hidden_layers, bs, expect_tokens=peak)))
+                   Batch(BlockCache(self.model.config.num_hidden_layers, bs, expect_blocks=peak)))
 
     def advance(self, run: Run, ids) -> None:
         """One turn of the main loop: admit waiting prompts (one packed prefill), one decode step.

@@ -45,9 +45,9 @@ def test_add_copies_each_prompt_into_its_run_and_finished_runs_are_reused():
 
 def test_pools_start_at_the_expected_peak_and_grow_keeping_every_row():
     batch, cache, ref = packed_cache([5, 11])
-    c = BlockCache(2, block_size=4, expect_tokens=30)
+    c = BlockCache(2, block_size=4, expect_blocks=8)
     c.add(cache, batch, reserve=[8, 12])
-    assert c.num_blocks == 8 and c.free == [(5, 3)]  # 30 tokens = 8 blocks, allocated once
+    assert c.num_blocks == 8 and c.free == [(5, 3)]  # the expected 8 blocks, allocated once
     before = [tuple(t.clone() for t in layer.flat()) for layer in c.layers]
     batch2, cache2, _ = packed_cache([6])
     c.add(cache2, batch2, reserve=[40])  # 10 blocks > the 3 free: the pools grow (copied)

@@ -69,13 +69,18 @@ class BlockLayer(CacheLayerMixin):
         return -1
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks a reserve of `tokens` tokens takes."""
+    return -(-tokens // block_size)
+
+
 class BlockCache(Cache):
     """The running batch's blocks: runs[b] and lengths[b] for batch row b."""
 
-    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE, expect_tokens: int = 0):
-        """expect_tokens: the tokens the running batch is expected to reserve at its peak; the
+    def __init__(self, num_layers: int, block_size: int = BLOCK_SIZE, expect_blocks: int = 0):
+        """expect_blocks: the blocks the running batch is expected to reserve at its peak; the
         pools start that large, so they need not grow (each growth copies every pool)."""
-        self.block_size, self.expect_blocks = block_size, -(-expect_tokens // block_size)
+        self.block_size, self.expect_blocks = block_size, expect_blocks
         super().__init__(layers=[BlockLayer(self) for _ in range(num_layers)])
         self.runs: list[tuple[int, int]] = []  # per batch row: (first block, blocks) of its reserve
         self.lengths: list[int] = []  # per batch row: tokens in cache
@@ -136,7 +141,7 @@ class BlockCache(Cache):
         assert len(reserve) == len(length) and all(r >= n for r, n in zip(reserve, length.tolist()))
         bs = self.block_size
         first = cache.layers[0].keys
-        blocks = [-(-r // bs) for r in reserve]
+        blocks = [blocks_for(r, bs) for r in reserve]
         if not self.num_blocks:  # pools created at the first add: dtype, heads and head dim known
             n = max(self.expect_blocks, sum(blocks))
             for layer, src in zip(self.layers, cache.layers):

@@ -61,14 +61,13 @@ class ScoreTask(Task):
             encoded = encode_items(tokenizer, [it for _, it in items], max_context, self.pack_capacity)
         except Exception:  # noqa: BLE001 - an unexpected failure: each row meets it alone (prepare_row)
             encoded = [None] * len(items)
-        shared = self.scoring.mode == "shared"
         for (i, item), enc in zip(items, encoded):
             if enc is None:
                 out[i] = self.prepare_row(rows[i], tokenizer, max_context)
             elif isinstance(enc, BadInput):
                 out[i] = dict(rows[i], num_input_tokens=0, payload=None, error=enc.reason, error_kind=enc.kind)
             else:
-                out[i] = dict(rows[i], num_input_tokens=enc.num_tokens(shared), payload=(item, enc))
+                out[i] = dict(rows[i], **self.item_fields(item, enc))
         return out  # type: ignore[return-value]
 
     def prepare(self, row: dict, tokenizer, max_context: int | None) -> dict:
@@ -78,7 +77,10 @@ class ScoreTask(Task):
         item = as_item(row)
         if item is None:  # a loglikelihood_rolling request
             return self.prepare_document(row["prompt"], tokenizer, max_context)
-        item, enc = prepare(tokenizer, item, max_context, self.pack_capacity)
+        return self.item_fields(*prepare(tokenizer, item, max_context, self.pack_capacity))
+
+    def item_fields(self, item: ScoreItem, enc) -> dict:
+        """A tokenized item's prepared fields (num_input_tokens in the scoring mode's layout)."""
         return {"num_input_tokens": enc.num_tokens(self.scoring.mode == "shared"), "payload": (item, enc)}
 
     def prepare_document(self, text: str, tokenizer, max_context: int | None) -> dict:
