@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from prepack_actor import Engine, EngineConfig, SamplingParams, load_model, scheduler
+from prepack_actor.core import block_cache
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--admit-fractions", default="", help="also sweep scheduler.ADMIT_FRACTION, e.g. 1,2,4,8")
     ap.add_argument("--no-leftpad", action="store_true", help="skip the left-padded reference")
     ap.add_argument("--new-tokens", type=int, default=0, help="every prompt this many tokens (0: drawn 8..256)")
+    ap.add_argument("--kernels", default="", help="also the CPU decode kernels, alternating, e.g. fused,loop,fused,loop")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model, dtype="float32", device="cpu")
@@ -41,12 +43,14 @@ def main() -> None:
     m = int(args.max_num_seqs.split(",")[-1])
     configs += [(f"max_num_seqs={m}, admit at 1/{f} free", EngineConfig(max_num_seqs=m), int(f))
                 for f in args.admit_fractions.split(",") if f]
+    configs += [(f"max_num_seqs={m}, kernel {k}", EngineConfig(max_num_seqs=m), k) for k in args.kernels.split(",") if k]
     if not args.no_leftpad:
         configs.append(("left-padded groups", EngineConfig(block_decode=False), None))
     Engine(model, tok).generate(ids[:2], SamplingParams(max_new_tokens=2))  # warm-up
     default_fraction = scheduler.ADMIT_FRACTION
-    for name, cfg, fraction in configs:
-        scheduler.ADMIT_FRACTION = fraction or default_fraction
+    for name, cfg, knob in configs:
+        scheduler.ADMIT_FRACTION = knob if isinstance(knob, int) else default_fraction
+        block_cache.KERNEL = knob if isinstance(knob, str) else "fused"
         engine = Engine(model, tok, cfg)
         t, c = time.perf_counter(), time.process_time()
         engine.generate(ids, params)

@@ -6,9 +6,12 @@ sliding windows (keys at positions > p - window for the query at p). Soft-cappin
 are refused upstream (forward.varlen_refusal): those models decode on the left-padded path.
 
 Kernels (docs/decode.md has the measurements):
-  cpu "loop"   per row two bmm over views of its contiguous slot range (BlockCache
-               reserves a run of blocks per sequence): reads exactly the real keys, copies
-               nothing. Default.
+  cpu "fused"  one C++ call per layer (core/cpu_decode.cpp, built on first use): every row's
+               query heads against its contiguous slot range (BlockCache reserves a run of
+               blocks per sequence), fp32 softmax, no per-row dispatch. Default; where it cannot
+               serve (no compiler, fp16, a head dim not a multiple of 16) the "loop" runs.
+  cpu "loop"   per row two bmm over views of its slot range: reads exactly the real keys,
+               copies nothing.
   cpu "bucket" rows sorted by key count and cut into buckets whose padding stays within
                TOLERANCE of their real keys; one sdpa per bucket over keys gathered by slot
                (padding masked). Fewer calls, but the gather copies every key once more.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_decode
 from .block_cache import BlockCache, BlockDecodeUnsupported
 
 TOLERANCE = 1.05  # a bucket reads at most this many keys per real key
@@ -43,6 +47,7 @@ class Plan:
     read: int  # keys the kernel reads (padding included)
     real: int  # real keys
     buckets: list[Bucket] | None = None  # "bucket" kernel only
+    bounds: torch.Tensor | None = None  # [B, 2] int64 ranges ("fused" kernel; built on its first layer)
 
 
 def plan(cache: BlockCache, window: int | None, kernel: str) -> Plan:
@@ -139,6 +144,16 @@ def _loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: flo
     return out.view(b, 1, h, d)
 
 
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:
+    """q [B, H, 1, D] -> [B, 1, H, D]: every row in one call of the C++ kernel (cpu_decode)."""
+    if cpu_decode.refusal(q, k) is not None:
+        return _loop(q, k, v, p, scale)
+    if p.bounds is None:
+        p.bounds = torch.tensor(p.ranges, dtype=torch.int64).view(-1, 2)
+    b, h, _, d = q.shape
+    return cpu_decode.op()(q[:, :, 0].contiguous(), k, v, p.bounds, scale).view(b, 1, h, d)
+
+
 def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:
     """q [B, H, 1, D] -> [B, 1, H, D]: one sdpa per bucket of rows with about as many keys."""
     gqa = k.shape[1] != q.shape[1]
@@ -153,7 +168,7 @@ def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: f
     return out.transpose(1, 2)
 
 
-CPU = {"loop": _loop, "bucket": _bucket}
+CPU = {"fused": _fused, "loop": _loop, "bucket": _bucket}
 
 
 def _varlen_attn():

@@ -69,6 +69,9 @@ class BlockLayer(CacheLayerMixin):
         return -1
 
 
+KERNEL = "fused"  # the CPU decode kernel of new caches (block_attention.CPU; benchmarks switch it)
+
+
 def blocks_for(tokens: int, block_size: int) -> int:
     """Blocks a reserve of `tokens` tokens takes."""
     return -(-tokens // block_size)
@@ -88,7 +91,7 @@ class BlockCache(Cache):
         self.num_blocks = 0
         self.write_slots: torch.Tensor | None = None  # [B] slot of each row's new token this step
         self.plans: dict = {}  # window -> read plan of this step (block_attention)
-        self.kernel = "loop"  # CPU kernel (block_attention.CPU)
+        self.kernel = KERNEL  # CPU kernel (block_attention.CPU)
         self.head_orders: dict = {}  # layer -> query-head order for its kv heads (block_attention.head_order)
         self.writes = self.reads = 0  # layer updates / block attention calls this step (must match)
         self.keys_read = self.keys_real = 0  # keys attended, summed over steps (and windows): read (padding too) / real

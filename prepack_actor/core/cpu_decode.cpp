@@ -1,0 +1,157 @@
+// Decode attention on CPU, one call per layer per step: each sequence's query heads against its
+// own contiguous slot range of the block cache (core/block_attention.py, kernel "fused").
+// Why a kernel: the per-row `bmm` loop costs ~13 us of dispatch per row and layer, and small
+// GEMMs with 3 query rows run far from the core's peak (docs/decode.md has the numbers).
+//
+// q [B, H, D], k/v [slots, Hkv, D] (last dim contiguous), ranges [B, 2] int64 slot [start, end)
+// -> out [B, H, D]. GQA: query head h reads kv head h / (H / Hkv). Softmax in fp32; bf16
+// inputs are widened to fp32 and the output rounded once. D a multiple of 16, at most 256.
+// Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register where the
+// machine has it (built with -march=native), else split by the compiler.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+constexpr int W = 16;          // floats per vector
+constexpr int MAX_DV = 16;     // D / W at most (D <= 256)
+constexpr int PREFETCH_K = W;  // keys ahead: the next score block
+constexpr int PREFETCH_V = 8;  // values ahead
+
+static inline vf load(const float* p) { vf x; std::memcpy(&x, p, sizeof x); return x; }
+static inline vf load(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  vi x; for (int i = 0; i < W; ++i) x[i] = int(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  vf f; std::memcpy(&f, &x, sizeof f); return f;
+}
+static inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+template <typename T> static inline void prefetch(const T* p, int64_t d) {
+  for (int64_t c = 0; c < d * int64_t(sizeof(T)); c += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + c);
+}
+
+static inline float hsum(vf x) {  // a tree: 4 dependent adds, not 16
+  x += __builtin_shuffle(x, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  x += __builtin_shuffle(x, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return x[0];
+}
+static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < W; ++i) m = std::max(m, x[i]); return m; }
+
+// 16 vectors -> one vector whose lane j is the sum of a[j]'s lanes (15 shuffle-adds, not 16 trees)
+static inline vf hsum16(const vf* a) {
+  vf b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j)  // lanes 0-7: a[2j] halved, 8-15: a[2j+1]
+    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23})
+         + __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int j = 0; j < 4; ++j)  // quarters: a[4j] .. a[4j+3]
+    c[j] = __builtin_shuffle(b[2 * j], b[2 * j + 1], vi{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27})
+         + __builtin_shuffle(b[2 * j], b[2 * j + 1], vi{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  for (int j = 0; j < 2; ++j)  // pairs of lanes: a[8j] .. a[8j+7]
+    d[j] = __builtin_shuffle(c[2 * j], c[2 * j + 1], vi{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29})
+         + __builtin_shuffle(c[2 * j], c[2 * j + 1], vi{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+  return __builtin_shuffle(d[0], d[1], vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30})
+       + __builtin_shuffle(d[0], d[1], vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+
+// exp(x) for x <= 0 (Cephes' expf: relative error ~2e-7); x < -87 -> 0, below fp32's smallest normal
+static inline vf vexp(vf x) {
+  const vf lo = vf{} - 87.f;
+  vf xc = x < lo ? lo : x;
+  vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
+  vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;              // x - n ln 2, ln 2 in two parts
+  vf p = vf{} + 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f; p = p * r + 8.3334519073E-3f; p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f; p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.f;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
+  vf s; std::memcpy(&s, &e, sizeof s);
+  return x < lo ? vf{} : p * s;
+}
+
+template <typename T>
+static void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ranges,
+                   double scale, at::Tensor& out) {
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), hkv = k.size(1), g = h / hkv, dv = d / W;
+  const int64_t ks = k.stride(0), kh = k.stride(1), vs = v.stride(0), vh = v.stride(1);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* rp = ranges.data_ptr<int64_t>();
+  at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<vf> qf(h * dv), acc(h * dv);  // scaled queries, output accumulators
+    std::vector<float> w;                      // [H, n rounded up to W] scores, then weights
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t s = rp[2 * r], n = rp[2 * r + 1] - s, np = (n + W - 1) / W * W;
+      for (int64_t i = 0; i < h * d; ++i) qf[i / W][i % W] = float(qp[r * h * d + i]) * float(scale);
+      w.resize(h * np);
+      for (int64_t j0 = 0; j0 < n; j0 += W) {  // scores of W keys at a time, all heads
+        const int64_t m = std::min<int64_t>(W, n - j0);
+        for (int64_t kvh = 0; kvh < hkv; ++kvh)
+          for (int64_t gg = 0; gg < g; ++gg) {
+            const int64_t hh = kvh * g + gg;
+            vf a[W];
+            for (int64_t j = 0; j < m; ++j) {
+              const T* kj = kp + (s + j0 + j) * ks + kvh * kh;
+              if (gg == 0) prefetch(kj + PREFETCH_K * ks, d);
+              vf x = qf[hh * dv] * load(kj);
+              for (int64_t c = 1; c < dv; ++c) x += qf[hh * dv + c] * load(kj + c * W);
+              a[j] = x;
+            }
+            for (int64_t j = m; j < W; ++j) a[j] = vf{};
+            vf sc = hsum16(a);
+            for (int64_t j = m; j < W; ++j) sc[j] = -INFINITY;  // past the row's keys: weight 0
+            store(w.data() + hh * np + j0, sc);
+          }
+      }
+      for (int64_t hh = 0; hh < h; ++hh) {  // softmax per head
+        float* wh = w.data() + hh * np;
+        vf mv = vf{} - INFINITY;
+        for (int64_t j = 0; j < np; j += W) { vf x = load(wh + j); mv = x > mv ? x : mv; }
+        const float mx = hmax(mv);
+        vf sum = vf{};
+        for (int64_t j = 0; j < np; j += W) { vf e = vexp(load(wh + j) - mx); store(wh + j, e); sum += e; }
+        const float inv = 1.f / hsum(sum);
+        for (int64_t j = 0; j < np; j += W) store(wh + j, load(wh + j) * inv);
+      }
+      std::fill(acc.begin(), acc.end(), vf{});
+      for (int64_t j = 0; j < n; ++j)  // weighted values, key by key (each value row read once)
+        for (int64_t kvh = 0; kvh < hkv; ++kvh) {
+          const T* vj = vp + (s + j) * vs + kvh * vh;
+          prefetch(vj + PREFETCH_V * vs, d);
+          vf vv[MAX_DV];
+          for (int64_t c = 0; c < dv; ++c) vv[c] = load(vj + c * W);
+          for (int64_t gg = 0; gg < g; ++gg) {
+            const int64_t hh = kvh * g + gg;
+            const float wj = w[hh * np + j];
+            for (int64_t c = 0; c < dv; ++c) acc[hh * dv + c] += wj * vv[c];
+          }
+        }
+      for (int64_t i = 0; i < h * d; ++i) op[r * h * d + i] = static_cast<T>(acc[i / W][i % W]);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& ranges, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [B, H, D], k/v [slots, Hkv, D]");
+  TORCH_CHECK(q.is_contiguous() && k.stride(2) == 1 && v.stride(2) == 1, "last dims contiguous, q contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16");
+  TORCH_CHECK(q.size(2) % W == 0 && q.size(2) <= W * MAX_DV, "head dim a multiple of 16, at most 256");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.sizes() == v.sizes(), "GQA: H a multiple of Hkv");
+  TORCH_CHECK(ranges.scalar_type() == at::kLong && ranges.is_contiguous() && ranges.size(0) == q.size(0)
+              && ranges.size(1) == 2, "ranges [B, 2] int64");
+  const int64_t* rp = ranges.data_ptr<int64_t>();
+  for (int64_t r = 0; r < q.size(0); ++r)
+    TORCH_CHECK(0 <= rp[2 * r] && rp[2 * r] < rp[2 * r + 1] && rp[2 * r + 1] <= k.size(0),
+                "row ", r, ": slot range [", rp[2 * r], ", ", rp[2 * r + 1], ") empty or outside the pools");
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kFloat) attend<float>(q, k, v, ranges, scale, out);
+  else attend<at::BFloat16>(q, k, v, ranges, scale, out);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
