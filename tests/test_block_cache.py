@@ -89,8 +89,11 @@ def test_kernels_equal_attention_over_each_rows_keys(kernel, window, dtype, head
         ref = F.scaled_dot_product_attention(q[b:b + 1].float(), k[s:e].transpose(0, 1)[None].float(),
                                              v[s:e].transpose(0, 1)[None].float(), enable_gqa=True)  # fp32 reference
         assert out.dtype == dtype
-        torch.testing.assert_close(out[b].float(), ref[0].transpose(0, 1), atol=1e-5 if dtype == torch.float32 else 3e-2,
-                                   rtol=0)
+        # bf16: the loop rounds its softmax weights to bf16 before the second matmul (as HF's
+        # eager attention); the C++ kernel keeps them in fp32 and rounds the output once
+        bf16_tol = 1e-2 if kernel == "fused" and d == 64 else 3e-2
+        torch.testing.assert_close(out[b].float(), ref[0].transpose(0, 1),
+                                   atol=1e-5 if dtype == torch.float32 else bf16_tol, rtol=0)
     assert c.keys_real == sum(min(n + 1, window or n + 1) for n in lengths)
     assert c.keys_read <= block_attention.TOLERANCE * c.keys_real
 
@@ -111,9 +114,6 @@ def test_without_a_compiler_the_fused_kernel_falls_back_to_the_loop(tmp_path):
     """No C++ compiler (an empty PATH, a fresh extensions dir): one warning, then the loop's numbers."""
     script = """
 import warnings
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 import torch
 from prepack_actor.core import block_attention, cpu_decode

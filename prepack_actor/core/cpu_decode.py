@@ -1,11 +1,13 @@
 """The fused CPU decode-attention kernel (cpu_decode.cpp), built on first use.
 
 torch's C++ extension loader compiles it once per machine into TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions; ~20 s, then a load of ~0.1 s) with -march=native, so the
-name carries a hash of this CPU's flags: hosts of a cluster that share a home directory each
-get a build of their own. Needs a C++ compiler and ninja (a dependency); without them, or if
-the build fails, `op()` is None and block_attention runs its "loop" kernel (same numbers within
-fp32 rounding) after one warning.
+(default ~/.cache/torch_extensions; ~20 s here, later processes load the build) with
+-march=native, so the name carries a hash of this CPU's flags: hosts of a cluster that share a
+home directory each get a build of their own. The Engine's constructor probes one decode
+step (core/decode.block_decode_refusal), so the build happens there (a job actor's load_s),
+not in a first request's decode. Needs a C++ compiler and ninja (a dependency); without
+them, or if the build fails, `op()` is None and block_attention runs its "loop" kernel (same
+numbers within fp32 rounding) after one warning.
 """
 from __future__ import annotations
 
