@@ -137,3 +137,22 @@ print("fell back")
     env = {**os.environ, "PATH": str(tmp_path / "nothing"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "fell back" in run.stdout, run.stderr[-3000:]
+
+
+def test_the_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
+    """Rows are split over torch's threads (at::parallel_for); each row is one thread's, in one order."""
+    torch.manual_seed(0)
+    c = BlockCache(1, block_size=4)
+    c.layers[0].keys, c.layers[0].values = torch.randn(40, 4, 2, 32), torch.randn(40, 4, 2, 32)
+    c.runs, c.lengths = [(0, 10), (10, 6), (16, 24)], [37, 20, 90]
+    q = torch.randn(3, 4, 1, 32)
+    assert cpu_decode.refusal(q, c.layers[0].keys) is None
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            c.plans = {}
+            outs.append(block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, 32 ** -0.5, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
