@@ -47,10 +47,10 @@ def main() -> None:
     if not args.no_leftpad:
         configs.append(("left-padded groups", EngineConfig(block_decode=False), None))
     Engine(model, tok).generate(ids[:2], SamplingParams(max_new_tokens=2))  # warm-up
-    default_fraction = scheduler.ADMIT_FRACTION
+    default_fraction, default_kernel = scheduler.ADMIT_FRACTION, block_cache.KERNEL
     for name, cfg, knob in configs:
         scheduler.ADMIT_FRACTION = knob if isinstance(knob, int) else default_fraction
-        block_cache.KERNEL = knob if isinstance(knob, str) else "fused"
+        block_cache.KERNEL = knob if isinstance(knob, str) else default_kernel
         engine = Engine(model, tok, cfg)
         t, c = time.perf_counter(), time.process_time()
         engine.generate(ids, params)
