@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .capability import UNPACKED, Capability, UnsupportedModel, capability_of, check_model
 from .core import attention
 from .core.compile import compile_refusal, compiled
+from .core.elementwise import fused_elementwise
 from .core.linear import onednn_linear, onednn_refusal
 from .tiny import ARCHS, SIZES, build_tiny_model
 
@@ -153,8 +154,10 @@ class ModelRunner:
 
     @contextmanager
     def kernels(self):
-        """The block the runner's model calls run in: oneDNN linear layers and compiled layers where enabled."""
-        with onednn_linear(self.model, self.onednn_linear), compiled(self.model, self.compile):
+        """The block the runner's model calls run in: oneDNN linear layers, C++ RMSNorm and RoPE on CPU
+        (core/elementwise.py), and compiled layers where enabled."""
+        with onednn_linear(self.model, self.onednn_linear), fused_elementwise(self.model), \
+                compiled(self.model, self.compile):
             yield
 
     def sync(self) -> None:

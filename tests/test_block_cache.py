@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from prepack_actor.core import block_attention, cpu_decode
+from prepack_actor.core import block_attention, cpu_ops
 from prepack_actor.core.block_cache import BlockCache
 from prepack_actor.core.packing import pack
 
@@ -80,7 +80,7 @@ def test_kernels_equal_attention_over_each_rows_keys(kernel, window, dtype, head
     c.kernel = kernel
     q = torch.randn(len(lengths), 6, 1, d, dtype=dtype)  # GQA 6 / 2
     if kernel == "fused":  # head dim 8 is the loop's (not a multiple of 16); 64 must run the C++ kernel here
-        assert (cpu_decode.refusal(q, layer.keys) is None) == (d == 64), cpu_decode.refusal(q, layer.keys)
+        assert (cpu_ops.decode_refusal(q, layer.keys) is None) == (d == 64), cpu_ops.decode_refusal(q, layer.keys)
     out = block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, d ** -0.5, window)  # [B, 1, H, D]
     k, v = layer.flat()
     for b, ((first, _), n) in enumerate(zip(c.runs, lengths)):
@@ -116,7 +116,7 @@ def test_without_a_compiler_the_fused_kernel_falls_back_to_the_loop(tmp_path):
 import warnings
 from types import SimpleNamespace
 import torch
-from prepack_actor.core import block_attention, cpu_decode
+from prepack_actor.core import block_attention, cpu_ops
 from prepack_actor.core.block_cache import BlockCache
 torch.manual_seed(0)
 c = BlockCache(1, block_size=4)
@@ -129,8 +129,8 @@ with warnings.catch_warnings(record=True) as caught:
     for kernel in ("fused", "fused", "loop"):
         c.kernel, c.plans = kernel, {}
         outs.append(block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, 0.125, None))
-assert cpu_decode.op() is None and "could not be built" in cpu_decode.refusal(q, c.layers[0].keys)
-assert sum("fused CPU decode kernel could not be built" in str(w.message) for w in caught) == 1
+assert cpu_ops.ops() is None and "could not be built" in cpu_ops.decode_refusal(q, c.layers[0].keys)
+assert sum("C++ CPU kernels could not be built" in str(w.message) for w in caught) == 1
 assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
 print("fell back")
 """
@@ -146,7 +146,7 @@ def test_the_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
     c.layers[0].keys, c.layers[0].values = torch.randn(40, 4, 2, 32), torch.randn(40, 4, 2, 32)
     c.runs, c.lengths = [(0, 10), (10, 6), (16, 24)], [37, 20, 90]
     q = torch.randn(3, 4, 1, 32)
-    assert cpu_decode.refusal(q, c.layers[0].keys) is None
+    assert cpu_ops.decode_refusal(q, c.layers[0].keys) is None
     threads, outs = torch.get_num_threads(), []
     try:
         for n in (1, 2, 3):

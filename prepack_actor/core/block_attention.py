@@ -6,7 +6,7 @@ sliding windows (keys at positions > p - window for the query at p). Soft-cappin
 are refused upstream (forward.varlen_refusal): those models decode on the left-padded path.
 
 Kernels (docs/decode.md has the measurements):
-  cpu "fused"  one C++ call per layer (core/cpu_decode.cpp, built on first use): every row's
+  cpu "fused"  one C++ call per layer (core/cpu_decode.cpp, built on first use by cpu_ops.py): every row's
                query heads against its contiguous slot range (BlockCache reserves a run of
                blocks per sequence), fp32 softmax, no per-row dispatch. Default; where it cannot
                serve (no compiler, fp16, a head dim not a multiple of 16) the "loop" runs.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import cpu_decode
+from . import cpu_ops
 from .block_cache import BlockCache, BlockDecodeUnsupported
 
 TOLERANCE = 1.05  # a bucket reads at most this many keys per real key
@@ -145,13 +145,13 @@ def _loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: flo
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:
-    """q [B, H, 1, D] -> [B, 1, H, D]: every row in one call of the C++ kernel (cpu_decode)."""
-    if cpu_decode.refusal(q, k) is not None:
+    """q [B, H, 1, D] -> [B, 1, H, D]: every row in one call of the C++ kernel (cpu_decode.cpp)."""
+    if cpu_ops.decode_refusal(q, k) is not None:
         return _loop(q, k, v, p, scale)
     if p.bounds is None:
         p.bounds = torch.tensor(p.ranges, dtype=torch.int64).view(-1, 2)
     b, h, _, d = q.shape
-    return cpu_decode.op()(q[:, :, 0].contiguous(), k, v, p.bounds, scale).view(b, 1, h, d)
+    return cpu_ops.ops().decode_attention(q[:, :, 0].contiguous(), k, v, p.bounds, scale).view(b, 1, h, d)
 
 
 def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:

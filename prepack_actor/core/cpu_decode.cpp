@@ -6,40 +6,16 @@
 // q [B, H, D], k/v [slots, Hkv, D] (last dim contiguous), ranges [B, 2] int64 slot [start, end)
 // -> out [B, H, D]. GQA: query head h reads kv head h / (H / Hkv). Softmax in fp32; bf16
 // inputs are widened to fp32 and the output rounded once. D a multiple of 16, at most 256.
-// Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register where the
-// machine has it (built with -march=native), else split by the compiler.
-#include <torch/extension.h>
+// Vectors: cpu_vec.h.
 #include <ATen/Parallel.h>
 
-#include <cmath>
-#include <cstring>
 #include <vector>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
-constexpr int W = 16;          // floats per vector
+#include "cpu_vec.h"
+
 constexpr int MAX_DV = 16;     // D / W at most (D <= 256)
 constexpr int PREFETCH_K = W;  // keys ahead: the next score block
 constexpr int PREFETCH_V = 8;  // values ahead
-
-static inline vf load(const float* p) { vf x; std::memcpy(&x, p, sizeof x); return x; }
-static inline vf load(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  vi x; for (int i = 0; i < W; ++i) x[i] = int(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  vf f; std::memcpy(&f, &x, sizeof f); return f;
-}
-static inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
-template <typename T> static inline void prefetch(const T* p, int64_t d) {
-  for (int64_t c = 0; c < d * int64_t(sizeof(T)); c += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + c);
-}
-
-static inline float hsum(vf x) {  // a tree: 4 dependent adds, not 16
-  x += __builtin_shuffle(x, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x += __builtin_shuffle(x, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  x += __builtin_shuffle(x, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  x += __builtin_shuffle(x, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return x[0];
-}
-static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < W; ++i) m = std::max(m, x[i]); return m; }
 
 // 16 vectors -> one vector whose lane j is the sum of a[j]'s lanes (15 shuffle-adds, not 16 trees)
 static inline vf hsum16(const vf* a) {
@@ -154,4 +130,3 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
