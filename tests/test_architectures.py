@@ -170,6 +170,38 @@ def alone(model, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
 
 @pytest.mark.parametrize("model_type,overrides,route,attn", PARAMS)
 def test_matches_each_prompt_alone(model_type, overrides, route, attn):
+    check_matches_alone(model_type, overrides, route, attn)
+
+
+# Head dim 16 (hidden 64): the C++ CPU kernels serve (BASE's head dim 8 is torch's ops). Case
+# id -> the kernels that must have run besides prefill and decode attention (phi, gpt_neox:
+# partial rotary, their RoPE stays torch's; gemma: its norm is weight + 1, refused by the probe).
+KERNEL_CASES = {"llama": {"rms_norm", "rope"}, "mistral-sw8": {"rms_norm", "rope"}, "qwen2-sw8": {"rms_norm", "rope"},
+                "qwen3": {"rms_norm", "rope"}, "gemma": {"rope"}, "gemma3_text-sw8": {"rope"}, "olmo2": {"rms_norm", "rope"},
+                "phi": set(), "phi3": {"rms_norm", "rope"}, "starcoder2-sw8": {"rope"},
+                "gpt_neox": set(), "granite": {"rms_norm", "rope"}, "glm4": {"rms_norm"}, "exaone4-sw8": {"rms_norm", "rope"},
+                "smollm3-nope": {"rms_norm", "rope"}, "gpt2": set(), "qwen3_moe": {"rms_norm", "rope"}}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_CASES))
+def test_cpu_kernels_match_each_prompt_alone(name, monkeypatch):
+    from prepack_actor.core import cpu_ops
+
+    ops, calls = cpu_ops.ops(), set()
+    assert ops is not None, "CI builds the C++ kernels (g++ and ninja are installed)"
+
+    class Spy:
+        def __getattr__(self, op):
+            calls.add(op)
+            return getattr(ops, op)
+
+    monkeypatch.setattr(cpu_ops, "ops", Spy)
+    _, model_type, overrides, route = next(c for c in CASES if c[0] == name)
+    check_matches_alone(model_type, {**overrides, "hidden_size": 64, "head_dim": 16}, route, "sdpa")
+    assert {"prefill_attention", "decode_attention"} | KERNEL_CASES[name] <= calls, calls
+
+
+def check_matches_alone(model_type, overrides, route, attn):
     torch.set_num_threads(1)
     cfg = AutoConfig.for_model(model_type, **{k: v for k, v in {**BASE, **overrides}.items() if v is not None})
     if attn == "sdpa" and not model_class(cfg)._supports_sdpa:  # no sdpa in transformers: refused, auto -> eager

@@ -80,7 +80,7 @@ def test_kernels_equal_attention_over_each_rows_keys(kernel, window, dtype, head
     c.kernel = kernel
     q = torch.randn(len(lengths), 6, 1, d, dtype=dtype)  # GQA 6 / 2
     if kernel == "fused":  # head dim 8 is the loop's (not a multiple of 16); 64 must run the C++ kernel here
-        assert (cpu_ops.decode_refusal(q, layer.keys) is None) == (d == 64), cpu_ops.decode_refusal(q, layer.keys)
+        assert (cpu_ops.attention_refusal(q, layer.keys) is None) == (d == 64), cpu_ops.attention_refusal(q, layer.keys)
     out = block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, d ** -0.5, window)  # [B, 1, H, D]
     k, v = layer.flat()
     for b, ((first, _), n) in enumerate(zip(c.runs, lengths)):
@@ -129,7 +129,7 @@ with warnings.catch_warnings(record=True) as caught:
     for kernel in ("fused", "fused", "loop"):
         c.kernel, c.plans = kernel, {}
         outs.append(block_attention.attend(SimpleNamespace(layer_idx=0), q, None, None, c, 0.125, None))
-assert cpu_ops.ops() is None and "could not be built" in cpu_ops.decode_refusal(q, c.layers[0].keys)
+assert cpu_ops.ops() is None and "could not be built" in cpu_ops.attention_refusal(q, c.layers[0].keys)
 assert sum("C++ CPU kernels could not be built" in str(w.message) for w in caught) == 1
 assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
 print("fell back")
@@ -146,7 +146,7 @@ def test_the_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
     c.layers[0].keys, c.layers[0].values = torch.randn(40, 4, 2, 32), torch.randn(40, 4, 2, 32)
     c.runs, c.lengths = [(0, 10), (10, 6), (16, 24)], [37, 20, 90]
     q = torch.randn(3, 4, 1, 32)
-    assert cpu_ops.decode_refusal(q, c.layers[0].keys) is None
+    assert cpu_ops.attention_refusal(q, c.layers[0].keys) is None
     threads, outs = torch.get_num_threads(), []
     try:
         for n in (1, 2, 3):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from prepack_actor import Engine, EngineConfig, load_model
-from prepack_actor.core import attention, forward, masks
+from prepack_actor.core import attention, cpu_ops, forward, masks
 from prepack_actor.core.packing import pack
 
 
@@ -34,8 +34,31 @@ def test_cpu_kernels_equal_dense_reference(kernel, window):
     t = bounds[-1]
     torch.manual_seed(rng.randrange(1000))
     q, k, v = torch.randn(6, t, 16), torch.randn(2, t, 16), torch.randn(2, t, 16)  # GQA 6/2
+    if kernel == "fused":  # head dim 16: the C++ kernel serves (it falls back to the loop otherwise)
+        assert cpu_ops.attention_refusal(q, k) is None
     out = attention.CPU[kernel](q, k, v, bounds, 16 ** -0.5, window)
     torch.testing.assert_close(out, dense_attention(q, k, v, bounds, window), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 48])  # 48: three vectors of 16, the P.V loop's partial pass
+def test_fused_prefill_kernel_in_bf16_and_on_threads(dtype, head_dim):
+    """bf16 is widened to fp32 and rounded once; prompts split over threads give the same bits."""
+    torch.manual_seed(0)
+    lengths = [33, 1, 70, 16, 17]
+    bounds = tuple([0] + torch.cumsum(torch.tensor(lengths), 0).tolist())
+    t = bounds[-1]
+    q, k, v = (torch.randn(n, t, head_dim).to(dtype) for n in (6, 2, 2))
+    ref = dense_attention(q.float(), k.float(), v.float(), bounds, None)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            outs.append(attention.CPU["fused"](q, k, v, bounds, head_dim ** -0.5, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0].dtype == dtype and torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].float(), ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
 
 
 def test_attention_function_boundaries_from_kwargs_or_positions():

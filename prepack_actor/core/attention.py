@@ -15,12 +15,16 @@ function owns causality, windows and boundaries), the ordinary sdpa mask otherwi
 the function then runs plain sdpa (left-padded decoding, the dense reference path).
 
 Kernels (docs/varlen.md has the measurements):
+  cpu "fused" one C++ call per layer for every prompt (core/cpu_prefill.cpp, built on first
+              use by cpu_ops.py): scores a GEMM micro-kernel's way, exact fp32 softmax per
+              row, windows, GQA native. Default; where it cannot serve (no compiler, fp16, a
+              head dim not a multiple of 16) "loop" runs, or "block" under a sliding window.
   cpu "loop"  one sdpa(is_causal) per prompt on 4D views (CPU sdpa sends 3D inputs to its
               slow math kernel), GQA native; prompts longer than a sliding window in query
-              tiles. Default for full-attention layers.
+              tiles.
   cpu "block" the stream in fixed query blocks, each against the keys from its first
-              prompt's start (window-clipped) with a small local mask. Default where a
-              sliding window is active (measured faster there).
+              prompt's start (window-clipped) with a small local mask (faster than the loop
+              where a sliding window is active).
   cuda        torch.nn.attention.varlen.varlen_attn (flash, window_size for sliding layers).
               UNTESTED here: written from torch 2.13's varlen.py, no GPU on this machine.
 Not implemented, so refused (never a silent difference): attention logit soft-capping,
@@ -36,10 +40,12 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from . import cpu_ops
 from .compile import opaque
 
 NAME = "prepack_varlen"
-CPU_KERNELS = ("loop", "block")
+CPU_KERNELS = ("fused", "loop", "block")
+KERNEL = "fused"  # the CPU prefill kernel (module default; benchmarks compare the others)
 BLOCK_SIZE = 128  # query rows per block ("block" kernel) and per tile (long sliding prompts)
 
 
@@ -140,8 +146,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     window = sliding_window if sliding_window is not None and sliding_window < longest else None
     q, k, v = (_stream(x) for x in (query, key, value))  # [H*, B*T, D]
-    kernel = _block if window is not None else _loop
-    return kernel(q, k, v, bounds, scale, window).view(b, tq, h, d), None
+    return CPU[KERNEL](q, k, v, bounds, scale, window).view(b, tq, h, d), None
 
 
 def _stream(x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +236,20 @@ def _block(q, k, v, bounds: tuple[int, ...], scale: float, window: int | None):
     return out
 
 
-CPU = {"loop": _loop, "block": _block}
+@lru_cache(maxsize=64)
+def _bounds_tensor(bounds: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(bounds, dtype=torch.int64)
+
+
+def _fused(q, k, v, bounds: tuple[int, ...], scale: float, window: int | None):
+    """Every prompt in one call of the C++ kernel (cpu_prefill.cpp); where it cannot serve, the loop or block kernel."""
+    if cpu_ops.attention_refusal(q, k) is not None:
+        return (_block if window is not None else _loop)(q, k, v, bounds, scale, window)
+    return cpu_ops.ops().prefill_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           _bounds_tensor(bounds), scale, window or 0)
+
+
+CPU = {"fused": _fused, "loop": _loop, "block": _block}
 
 
 def _cuda_varlen(q, k, v, cu: torch.Tensor, max_len: int, scale: float, window: int | None):

@@ -146,7 +146,7 @@ def _loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: flo
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, scale: float) -> torch.Tensor:
     """q [B, H, 1, D] -> [B, 1, H, D]: every row in one call of the C++ kernel (cpu_decode.cpp)."""
-    if cpu_ops.decode_refusal(q, k) is not None:
+    if cpu_ops.attention_refusal(q, k) is not None:
         return _loop(q, k, v, p, scale)
     if p.bounds is None:
         p.bounds = torch.tensor(p.ranges, dtype=torch.int64).view(-1, 2)

@@ -33,21 +33,6 @@ static inline vf hsum16(const vf* a) {
        + __builtin_shuffle(d[0], d[1], vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
 }
 
-// exp(x) for x <= 0 (Cephes' expf: relative error ~2e-7); x < -87 -> 0, below fp32's smallest normal
-static inline vf vexp(vf x) {
-  const vf lo = vf{} - 87.f;
-  vf xc = x < lo ? lo : x;
-  vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
-  vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;              // x - n ln 2, ln 2 in two parts
-  vf p = vf{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f; p = p * r + 8.3334519073E-3f; p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f; p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
-  vf s; std::memcpy(&s, &e, sizeof s);
-  return x < lo ? vf{} : p * s;
-}
-
 template <typename T>
 static void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ranges,
                    double scale, at::Tensor& out) {

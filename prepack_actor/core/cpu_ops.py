@@ -1,5 +1,5 @@
-"""prepack's C++ CPU kernels, built on first use: decode attention (cpu_decode.cpp), RMSNorm and
-rotary embeddings (cpu_elementwise.cpp).
+"""prepack's C++ CPU kernels, built on first use: decode attention (cpu_decode.cpp), packed prefill
+attention (cpu_prefill.cpp), RMSNorm and rotary embeddings (cpu_elementwise.cpp).
 
 torch's C++ extension loader compiles them once per machine into TORCH_EXTENSIONS_DIR
 (default ~/.cache/torch_extensions; ~30 s here, later processes load the build) with
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / f for f in ("cpu_ops.cpp", "cpu_decode.cpp", "cpu_elementwise.cpp")]
+SOURCES = [HERE / f for f in ("cpu_ops.cpp", "cpu_decode.cpp", "cpu_prefill.cpp", "cpu_elementwise.cpp")]
 HEADERS = [HERE / "cpu_vec.h"]
 DTYPES = (torch.float32, torch.bfloat16)
-MAX_HEAD_DIM = 256  # decode: as MAX_DV * 16 in cpu_decode.cpp
+MAX_HEAD_DIM = 256  # attention: as MAX_DV * 16 in cpu_decode.cpp, MAX_D in cpu_prefill.cpp
 _lock = threading.Lock()
 _built: list = []  # [module or None] once tried
 
@@ -54,7 +54,7 @@ def _ninja_on_path() -> None:
 
 
 def ops():
-    """The compiled module (`decode_attention`, `rms_norm`, `rope`), or None when it cannot be built here."""
+    """The compiled module (`decode_attention`, `prefill_attention`, `rms_norm`, `rope`), or None when it cannot be built here."""
     with _lock:
         if not _built:
             try:
@@ -81,8 +81,8 @@ def refusal(x: torch.Tensor) -> str | None:
     return None
 
 
-def decode_refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """Why the fused decode kernel cannot serve these tensors (then the loop does), or None."""
+def attention_refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the C++ attention kernels (decode, prefill) cannot serve these tensors (then torch's do), or None."""
     if k.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype}"
     d = q.shape[-1]

@@ -1,4 +1,4 @@
-// 16-float vectors shared by the CPU kernels (cpu_decode.cpp, cpu_elementwise.cpp): GCC vector
+// 16-float vectors shared by the CPU kernels (cpu_decode.cpp, cpu_prefill.cpp, cpu_elementwise.cpp): GCC vector
 // extensions, one AVX-512 register where the machine has it (built with -march=native), else
 // split by the compiler. `__builtin_shuffle` is GCC's: a Clang build fails and the Python
 // side falls back (cpu_ops.py).
@@ -31,3 +31,17 @@ static inline float hsum(vf x) {  // a tree: 4 dependent adds, not 16
 }
 static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < W; ++i) m = std::max(m, x[i]); return m; }
 
+// exp(x) for x <= 0 (Cephes' expf: relative error ~2e-7); x < -87 -> 0, below fp32's smallest normal
+static inline vf vexp(vf x) {
+  const vf lo = vf{} - 87.f;
+  vf xc = x < lo ? lo : x;
+  vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
+  vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;              // x - n ln 2, ln 2 in two parts
+  vf p = vf{} + 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f; p = p * r + 8.3334519073E-3f; p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f; p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.f;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
+  vf s; std::memcpy(&s, &e, sizeof s);
+  return x < lo ? vf{} : p * s;
+}

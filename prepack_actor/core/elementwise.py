@@ -61,7 +61,7 @@ def _norm_forward(module):
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # [..., N] -> [..., N]
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.dtype != weight.dtype \
-                or x.device.type != "cpu":
+                or x.device.type != "cpu" or x.shape[-1] != weight.shape[0]:
             return original(module, x)
         return cpu_ops.ops().rms_norm(x.contiguous(), weight, eps)
     return forward
