@@ -72,7 +72,8 @@ def test_rope_calls_it_cannot_serve_go_to_the_original():
     wrap(q, q, torch.randn(1, 3, 4), torch.randn(1, 3, 4))  # partial rotary: cos covers half the head
     wrap(q.half(), q.half(), torch.randn(1, 3, 8).half(), torch.randn(1, 3, 8).half())  # fp16
     wrap(q, q, torch.randn(1, 3, 8), torch.randn(1, 3, 8), 2)  # unsqueeze_dim given positionally
-    assert seen == [4, 8, 8]
+    wrap(q, q, torch.randn(1, 5, 8), torch.randn(1, 5, 8))  # positions that do not match q's: the original's error
+    assert seen == [4, 8, 8, 8]
 
 
 def test_the_swap_is_scoped_probed_and_exact():

@@ -2,7 +2,8 @@
 
     groups = group_by_length(lengths, max_group_tokens, max_group_prompts)   grouping.py
     batch = pack(prompts, pack_capacity, pad_id, branches, stream=varlen)    packing.py
-    enable_varlen(model) -> attention.NAME: cu_seqlens, no mask              attention.py, forward.py
+    enable_varlen(model) -> attention.NAME: cu_seqlens, no mask              attention.py, forward.py, cpu_prefill.cpp
+    with fused_elementwise(model): C++ RMSNorm and RoPE on CPU               elementwise.py, cpu_elementwise.cpp
     mask = masks.for_model(model, batch)  (dense path: reference, fallback)  masks.py
     logits, cache = last_token_logits(model, batch, varlen)                  forward.py
     blocks.add(cache, batch, reserve)  (blocks = BlockCache(num_layers))     block_cache.py

@@ -73,6 +73,13 @@ def _servable(x: torch.Tensor, cos: torch.Tensor) -> bool:
             and x.stride(-1) == 1 and cos.stride(-1) == 1)
 
 
+def _expands_to(c: torch.Tensor, x: torch.Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(x.shape, c.shape) == x.shape
+    except RuntimeError:
+        return False
+
+
 def _rope(original):
     """A stand-in for a modeling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)."""
     default_dim = inspect.signature(original).parameters["unsqueeze_dim"].default
@@ -83,7 +90,7 @@ def _rope(original):
             return original(q, k, cos, sin, *args, **kwargs)
         dim = kwargs.get("unsqueeze_dim", default_dim)
         c, s = cos.unsqueeze(dim), sin.unsqueeze(dim)
-        if torch.broadcast_shapes(q.shape, c.shape) != q.shape or torch.broadcast_shapes(k.shape, c.shape) != k.shape:
+        if not (_expands_to(c, q) and _expands_to(c, k)):
             return original(q, k, cos, sin, **kwargs)
         rope = cpu_ops.ops().rope
         return rope(q, c.expand_as(q), s.expand_as(q)), rope(k, c.expand_as(k), s.expand_as(k))
