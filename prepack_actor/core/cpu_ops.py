@@ -2,7 +2,7 @@
 attention (cpu_prefill.cpp), RMSNorm and rotary embeddings (cpu_elementwise.cpp).
 
 torch's C++ extension loader compiles them once per machine into TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions; ~30 s here, later processes load the build) with
+(default ~/.cache/torch_extensions; ~40 s on this 2-core machine, later processes load the build) with
 -march=native, so the name carries a hash of this CPU's flags (and of the sources): hosts of a
 cluster that share a home directory each get a build of their own. The Engine's constructor
 probes one decode step (core/decode.block_decode_refusal), so the build happens there (a job
