@@ -2,11 +2,11 @@
 attention (cpu_prefill.cpp), RMSNorm and rotary embeddings (cpu_elementwise.cpp).
 
 torch's C++ extension loader compiles them once per machine into TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions; ~40 s on this 2-core machine, later processes load the build) with
--march=native, so the name carries a hash of this CPU's flags (and of the sources): hosts of a
-cluster that share a home directory each get a build of their own. The Engine's constructor
-probes one decode step (core/decode.block_decode_refusal), so the build happens there (a job
-actor's load_s), not in a first request's decode. Needs a C++ compiler (g++: the vectors use
+(default ~/.cache/torch_extensions; ~40 s on this 2-core machine, later processes load the
+build) with -march=native, so the name carries a hash of this CPU's flags (and of the
+sources and their path): hosts of a cluster that share a home directory each get a build of
+their own. The Engine's constructor probes one decode step (core/decode.block_decode_refusal),
+so the build happens there (a job actor's load_s), not in a first request's decode. Needs a C++ compiler (g++: the vectors use
 GCC's `__builtin_shuffle`) and ninja (a dependency); without them, or if the build fails,
 `ops()` is None after one warning, and each caller runs torch's ops instead (same numbers
 within fp32 rounding): block_attention its "loop" kernel, elementwise.py Hugging Face's forward.
@@ -39,7 +39,9 @@ def _name() -> str:
     except OSError:
         pass
     code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    digest = hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__}".encode() + code).hexdigest()[:10]
+    # the install path too: torch's loader rebuilds a name whose sources moved, so two installs
+    # sharing one extensions dir (a checkout and a venv, a CI clone) would rebuild in turn
+    digest = hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {HERE}".encode() + code).hexdigest()[:10]
     return f"prepack_cpu_ops_{digest}"
 
 
@@ -61,7 +63,7 @@ def ops():
                 from torch.utils.cpp_extension import load
                 _ninja_on_path()
                 _built.append(load(_name(), [str(p) for p in SOURCES], extra_cflags=["-O3", "-march=native"],
-                                   extra_include_paths=[str(HERE)], verbose=False))
+                                   verbose=False))  # cpu_vec.h: found beside the sources
             except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's ops serve
                 warnings.warn(f"prepack: the C++ CPU kernels could not be built ({type(e).__name__}: {str(e)[:300]}); "
                               f"decode attention runs the per-row 'loop' kernel, RMSNorm and RoPE torch's ops",
