@@ -6,10 +6,11 @@ torch's C++ extension loader compiles them once per machine into TORCH_EXTENSION
 build) with -march=native, so the name carries a hash of this CPU's flags (and of the
 sources and their path): hosts of a cluster that share a home directory each get a build of
 their own. The Engine's constructor probes one decode step (core/decode.block_decode_refusal),
-so the build happens there (a job actor's load_s), not in a first request's decode. Needs a C++ compiler (g++: the vectors use
-GCC's `__builtin_shuffle`) and ninja (a dependency); without them, or if the build fails,
-`ops()` is None after one warning, and each caller runs torch's ops instead (same numbers
-within fp32 rounding): block_attention its "loop" kernel, elementwise.py Hugging Face's forward.
+so the build happens there (a job actor's load_s), not in a first request's decode. Needs a
+C++ compiler (g++: the vectors use GCC's `__builtin_shuffle`) and ninja (a dependency);
+without them, or if the build fails, `ops()` is None after one warning, and each caller runs
+torch's ops instead (same numbers within fp32 rounding): block_attention its "loop" kernel,
+attention.py its per-prompt sdpa "loop" (or "block"), elementwise.py Hugging Face's forward.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def ops():
                                    verbose=False))  # cpu_vec.h: found beside the sources
             except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's ops serve
                 warnings.warn(f"prepack: the C++ CPU kernels could not be built ({type(e).__name__}: {str(e)[:300]}); "
-                              f"decode attention runs the per-row 'loop' kernel, RMSNorm and RoPE torch's ops",
+                              f"attention runs the per-row / per-prompt 'loop' kernels, RMSNorm and RoPE torch's ops",
                               stacklevel=2)
                 _built.append(None)
         return _built[0]

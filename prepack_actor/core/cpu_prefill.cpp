@@ -67,7 +67,8 @@ static void prompt_head(const T* q, const T* k, const T* v, T* out, int64_t len,
       lo[r] = window ? std::max<int64_t>(0, pos[r] - window + 1) : 0;
       for (int64_t c = 0; c < d; ++c) qf[c * R + r] = static_cast<float>(q[pos[r] * qs[0] + head[r] * qs[1] + c]);
     }
-    const int64_t b0 = *std::min_element(lo, lo + R) / W, b1 = pos[nr - 1] / W + 1;  // key blocks [b0, b1)
+    const int64_t jlo = lo[0], jhi = pos[nr - 1];  // the chunk's keys: rows ascend in position, so lo too
+    const int64_t b0 = jlo / W, b1 = jhi / W + 1;  // key blocks [b0, b1)
     const int64_t n = (b1 - b0) * W;  // scores per row in sc, keys from 16 b0
     for (int64_t b = b0; b < b1; ++b) {  // scores: 8 accumulators, one K^T load per 8 FMAs (q broadcast from memory)
       vf acc[R] = {};
@@ -91,7 +92,6 @@ static void prompt_head(const T* q, const T* k, const T* v, T* out, int64_t len,
       for (int64_t j = 0; j < n; j += W) { vf e = vexp(load(s + j) - mx); store(s + j, e); sum += e; }
       inv[r] = 1.f / hsum(sum);
     }
-    const int64_t jlo = *std::min_element(lo, lo + R), jhi = pos[nr - 1];
     for (int r0 = 0; r0 < nr; r0 += RV)
       for (int64_t c0 = 0; c0 < dv; c0 += 4) {
         const int64_t rest = dv - c0;

@@ -1,6 +1,6 @@
-// 16-float vectors shared by the CPU kernels (cpu_decode.cpp, cpu_prefill.cpp, cpu_elementwise.cpp): GCC vector
-// extensions, one AVX-512 register where the machine has it (built with -march=native), else
-// split by the compiler. `__builtin_shuffle` is GCC's: a Clang build fails and the Python
+// 16-float vectors shared by the CPU kernels (cpu_decode.cpp, cpu_prefill.cpp,
+// cpu_elementwise.cpp): GCC vector extensions, one AVX-512 register where the machine has it
+// (built with -march=native), else split by the compiler. `__builtin_shuffle` is GCC's: a Clang build fails and the Python
 // side falls back (cpu_ops.py).
 #pragma once
 #include <torch/extension.h>
