@@ -1,9 +1,12 @@
 """oneDNN linear layers (core/linear.py): same numbers as torch's F.linear, scoped to the block."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from prepack_actor.core.linear import onednn_linear, onednn_refusal
+from prepack_actor.core.modules import registrations, scan
 from prepack_actor.engine import Engine, EngineConfig
 from prepack_actor.core.params import SamplingParams
 from prepack_actor.models import load_model
@@ -52,6 +55,43 @@ def test_changed_weights_are_packed_again():
     with onednn_linear(model):
         after = lin(x)
     torch.testing.assert_close(after - lin.bias, 2 * (before - lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_layer_is_found_again_and_the_walk_is_cached_otherwise():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+    model.device, model.dtype = torch.device("cpu"), torch.float32
+    walks = []
+    select = lambda ms: walks.append(1) or [m for m in ms if type(m) is nn.Linear]  # noqa: E731
+    assert scan(model, "test", select) == [model[0]] and scan(model, "test", select) == [model[0]]
+    assert len(walks) == 1  # the second call reused the walk
+    with onednn_linear(model):
+        pass
+    model[0] = nn.Linear(16, 8)  # an adapter or a new head: registered, so walked again
+    assert scan(model, "test", select) == [model[0]] and len(walks) == 2
+    x = torch.randn(3, 16)
+    with onednn_linear(model):
+        assert "forward" in model[0].__dict__  # the new layer runs oneDNN
+        got = model(x)
+    torch.testing.assert_close(got, torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias)),
+                               rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(model)  # carries the cached walk: its own layers are walked anew
+    assert scan(twin, "test", select) == [twin[0]] and len(walks) == 3
+    model.half()  # no registration: the dtype is still checked on entry
+    model.dtype = torch.float16
+    with onednn_linear(model):
+        assert "forward" not in model[0].__dict__
+
+
+def test_engine_calls_register_no_modules_so_the_walk_holds(tiny_model):
+    """kernels() runs every decode step: a step that registered a submodule would walk the model
+    each time (~1 ms on the 70M Llama)."""
+    model, tok = tiny_model
+    engine = Engine(model, tok, EngineConfig())
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    engine.generate_ids(ids[:1], [SamplingParams(max_new_tokens=2)])  # first call: probes, the walks
+    before = registrations()
+    engine.generate_ids(ids, [SamplingParams(max_new_tokens=6)] * len(ids))
+    assert registrations() == before
 
 
 def test_half_precision_is_refused_and_left_alone():

@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 
 from . import cpu_ops
+from .modules import scan
 
 ENABLED = True  # module default (benchmarks compare with and without)
 _PROBED = "_prepack_rms_norm"  # per norm module: its forward equals the kernel's (probed once)
@@ -121,13 +122,15 @@ def _rope_probe(fn) -> bool:
         for w, g_ in zip(want, got))
 
 
-def _rope_modules(model) -> list:
-    """The modeling modules (python modules) whose apply_rotary_pos_emb this model's layers call."""
+def _rope_modules(modules) -> list:
+    """The modeling modules (python modules) whose apply_rotary_pos_emb these layers call,
+    probed on the original function (a swapped one is marked with it)."""
     found = {}
-    for m in model.modules():
+    for m in modules:
         mod = sys.modules.get(type(m).__module__)
         fn = getattr(mod, "apply_rotary_pos_emb", None)
-        if mod is None or mod.__name__ in found or not inspect.isfunction(fn) or hasattr(fn, _MARK):
+        fn = getattr(fn, _MARK, fn)
+        if mod is None or mod.__name__ in found or not inspect.isfunction(fn):
             continue
         if _rope_probe(fn):
             found[mod.__name__] = mod
@@ -139,11 +142,13 @@ def fused_elementwise(model, enabled: bool = True):
     """Inside the block the model's RMSNorms and RoPE run the C++ kernels (see the module's doc).
     No-op when disabled, off CPU or without the kernels. Re-entrant."""
     on = enabled and ENABLED and cpu_ops.refusal(torch.empty(0, dtype=model.dtype, device=model.device)) is None
-    norms = [m for m in model.modules() if "forward" not in m.__dict__ and _is_rms_norm(m)] if on else []
-    ropes = _rope_modules(model) if on else []
+    norms = [m for m in scan(model, "rms_norm", lambda ms: (m for m in ms if type(m).__name__.endswith("RMSNorm")))
+             if "forward" not in m.__dict__ and _is_rms_norm(m)] if on else []
+    ropes = [mod for mod in scan(model, "rope", _rope_modules)
+             if not hasattr(mod.apply_rotary_pos_emb, _MARK)] if on else []  # not already swapped (re-entered)
     try:
         for m in norms:
-            m.forward = _norm_forward(m)
+            m.__dict__["forward"] = _norm_forward(m)  # as Module.__setattr__ would, minus its checks
         for mod in ropes:
             mod.apply_rotary_pos_emb = _rope(mod.apply_rotary_pos_emb)
         yield

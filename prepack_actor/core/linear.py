@@ -17,13 +17,18 @@ second copy (the model's own weights stay: tied embeddings and state_dict read t
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .modules import scan
+
 DTYPES = (torch.float32, torch.bfloat16)
-_PACKED = "_prepack_onednn"  # per module: (weight version, weight data_ptr, packed weight)
+# per module: (weight version, weight data_ptr, packed weight); beside the module, not on it,
+# so copy.deepcopy(model) works after engine calls (oneDNN's packed tensors cannot be copied)
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _GATED = "_prepack_gated"  # per MLP module: its forward is down(silu(gate(x)) * up(x))
 
 
@@ -42,11 +47,11 @@ def _packed(module: nn.Linear) -> torch.Tensor:
     """The module's weight [out, in] reordered for oneDNN, packed once (again if it changes)."""
     w = module.weight
     key = (w._version, w.data_ptr())
-    cached = getattr(module, _PACKED, None)
+    cached = _PACKED.get(module)
     if cached is None or cached[:2] != key:
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
             cached = (*key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
-        setattr(module, _PACKED, cached)
+        _PACKED[module] = cached
     return cached[2]
 
 
@@ -99,6 +104,12 @@ def _gated_packed(x, gate, up, down, gate_bias, up_bias, down_bias):
     return _linear_packed(h, down, down_bias)
 
 
+def _gated_shape(modules):
+    """The modules shaped as gated MLPs (gate_proj, up_proj, down_proj, act_fn); _gated checks the rest."""
+    return (m for m in modules if all(isinstance(getattr(m, n, None), nn.Module)
+                                      for n in ("gate_proj", "up_proj", "down_proj", "act_fn")))
+
+
 def _gated(module: nn.Module) -> bool:
     """A gated SiLU MLP whose forward equals down(silu(gate(x)) * up(x)) (checked once on a probe)."""
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -133,14 +144,14 @@ def onednn_linear(model, enabled: bool = True):
     and gated SiLU MLPs run fused. No-op when `enabled` is False or `onednn_refusal(model)`
     says why not. Re-entrant."""
     on = enabled and onednn_refusal(model) is None
-    mlps = [m for m in model.modules() if "forward" not in m.__dict__ and _gated(m)] if on else []
-    modules = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype in DTYPES
-               and "forward" not in m.__dict__] if on else []
+    mlps = [m for m in scan(model, "gated_mlp", _gated_shape) if "forward" not in m.__dict__ and _gated(m)] if on else []
+    modules = [m for m in scan(model, "linear", lambda ms: (m for m in ms if type(m) is nn.Linear))
+               if m.weight.dtype in DTYPES and "forward" not in m.__dict__] if on else []
     try:
         for m in mlps:
-            m.forward = _gated_forward(m)
+            m.__dict__["forward"] = _gated_forward(m)  # what Module.__setattr__ does for a function, minus its checks
         for m in modules:
-            m.forward = _forward(m)
+            m.__dict__["forward"] = _forward(m)
         yield
     finally:
         for m in mlps + modules:
