@@ -9,15 +9,17 @@ PY=${PYTHON:-python3}
 TORCH=${PREPACK_TORCH-torch==2.13.0}
 EXTRA=${1:-}
 stamp=.venv/.installed${EXTRA:+-$EXTRA}
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then exit 0; fi
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ] && [ "$stamp" -nt scripts/setup.sh ]; then exit 0; fi
 # The tests compile decoder layers with inductor (model.compile), which needs a C++ compiler,
-# and check that the job's actors run on tcmalloc (actors.allocator: auto).
-if [ "$EXTRA" = test ] && { ! command -v g++ >/dev/null || ! ldconfig -p | grep -q libtcmalloc_minimal.so.4; }; then
+# build the C++ kernels with g++ and clang++ (tests/test_cpu_build.py), and check that the
+# job's actors run on tcmalloc (actors.allocator: auto).
+if [ "$EXTRA" = test ] && { ! command -v g++ >/dev/null || ! command -v clang++ >/dev/null \
+    || ! ldconfig -p | grep -q libtcmalloc_minimal.so.4; }; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing g++ and libtcmalloc-minimal4"
-    apt-get update -qq && apt-get install -y -qq g++ libtcmalloc-minimal4 >/dev/null
+    echo "setup: installing g++, clang and libtcmalloc-minimal4"
+    apt-get update -qq && apt-get install -y -qq g++ clang libtcmalloc-minimal4 >/dev/null
   else
-    echo "setup: the tests need g++ and libtcmalloc-minimal4 (apt-get install g++ libtcmalloc-minimal4)" >&2; exit 1
+    echo "setup: the tests need g++, clang and libtcmalloc-minimal4 (apt-get install g++ clang libtcmalloc-minimal4)" >&2; exit 1
   fi
 fi
 [ -x .venv/bin/python ] || { echo "setup: creating .venv"; "$PY" -m venv .venv; }

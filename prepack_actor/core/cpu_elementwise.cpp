@@ -8,7 +8,11 @@
 // pragma below), so RoPE gives the same bits as `q * cos + rotate_half(q) * sin`; RMSNorm's
 // mean of squares is summed in another order (within fp32 rounding). bf16 rounds after each
 // operation as torch's bf16 kernels do.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#else
 #pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/Parallel.h>
 
 #include <algorithm>

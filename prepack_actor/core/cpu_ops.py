@@ -2,12 +2,12 @@
 attention (cpu_prefill.cpp), RMSNorm and rotary embeddings (cpu_elementwise.cpp).
 
 torch's C++ extension loader compiles them once per machine into TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions; ~40 s on this 2-core machine, later processes load the
+(default ~/.cache/torch_extensions; ~13 s on this 2-core machine, later processes load the
 build) with -march=native, so the name carries a hash of this CPU's flags (and of the
-sources and their path): hosts of a cluster that share a home directory each get a build of
-their own. The Engine's constructor probes one decode step (core/decode.block_decode_refusal),
+sources, their path and the compiler, $CXX): hosts of a cluster that share a home directory
+each get a build of their own. The Engine's constructor probes one decode step (core/decode.block_decode_refusal),
 so the build happens there (a job actor's load_s), not in a first request's decode. Needs a
-C++ compiler (g++: the vectors use GCC's `__builtin_shuffle`) and ninja (a dependency);
+C++ compiler (g++ >= 12 or clang++, tested with both: GCC's vector extensions) and ninja (a dependency);
 without them, or if the build fails, `ops()` is None after one warning, and each caller runs
 torch's ops instead (same numbers within fp32 rounding): block_attention its "loop" kernel,
 attention.py its per-prompt sdpa "loop" (or "block"), elementwise.py Hugging Face's forward.
@@ -42,7 +42,8 @@ def _name() -> str:
     code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     # the install path too: torch's loader rebuilds a name whose sources moved, so two installs
     # sharing one extensions dir (a checkout and a venv, a CI clone) would rebuild in turn
-    digest = hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {HERE}".encode() + code).hexdigest()[:10]
+    cxx = os.environ.get("CXX", "c++")  # torch's loader compiles with $CXX
+    digest = hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {HERE} {cxx}".encode() + code).hexdigest()[:10]
     return f"prepack_cpu_ops_{digest}"
 
 
