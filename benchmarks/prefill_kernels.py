@@ -10,8 +10,10 @@ lengths):
    each CPU prefill kernel of core/attention.py on one packed stream, ms and GFLOP/s of the
    causal work (best of 5, the kernels interleaved);
 2. Engine.prefill of all n prompts, CPU s, interleaved repeats, medians: the fused attention
-   kernel and C++ RMSNorm/RoPE (the defaults), the per-prompt sdpa loop with C++ RMSNorm/RoPE,
-   and the loop with torch's RMSNorm/RoPE (the engine before these kernels).
+   kernel and C++ RMSNorm/RoPE with the gated MLP in passes of core/linear.MLP_ROWS rows (the
+   defaults), the same with the MLP over a whole group in one pass, the per-prompt sdpa loop
+   with C++ RMSNorm/RoPE, and the loop with torch's RMSNorm/RoPE (the engine before these
+   kernels).
 """
 import argparse
 import json
@@ -43,24 +45,27 @@ def attention_only(lengths: list[int], repeats: int = 5) -> None:
 
 def engine_prefill(model_dir: str, ids: list[list[int]], repeats: int) -> None:
     from prepack_actor import Engine, EngineConfig, load_model
-    from prepack_actor.core import attention, elementwise
+    from prepack_actor.core import attention, elementwise, linear
 
     model, tok = load_model(model_dir, dtype="float32", device="cpu")
     engine = Engine(model, tok, EngineConfig())
     engine.prefill([x[:8] for x in ids[:4]])  # warm-up (and the kernels' build)
-    configs = {"fused attention + C++ norm/rope": ("fused", True), "sdpa loop + C++ norm/rope": ("loop", True),
-               "sdpa loop + torch norm/rope": ("loop", False)}
+    rows, whole = linear.MLP_ROWS, 1 << 30
+    configs = {"fused attention + C++ norm/rope": ("fused", True, rows),
+               "the same, MLP in one pass": ("fused", True, whole),
+               "sdpa loop + C++ norm/rope": ("loop", True, whole),
+               "sdpa loop + torch norm/rope": ("loop", False, whole)}
     times = {c: [] for c in configs}
     logits = {}
     try:
         for _ in range(repeats):
-            for name, (kernel, fused) in configs.items():
-                attention.KERNEL, elementwise.ENABLED = kernel, fused
+            for name, (kernel, fused, mlp_rows) in configs.items():
+                attention.KERNEL, elementwise.ENABLED, linear.MLP_ROWS = kernel, fused, mlp_rows
                 start = time.process_time()
                 logits[name] = engine.prefill(ids)
                 times[name].append(time.process_time() - start)
     finally:
-        attention.KERNEL, elementwise.ENABLED = "fused", True
+        attention.KERNEL, elementwise.ENABLED, linear.MLP_ROWS = "fused", True, rows
     base = statistics.median(times["sdpa loop + torch norm/rope"])
     print(f"Engine.prefill, {len(ids)} prompts, CPU s, medians of {repeats}:")
     for name, ts in times.items():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from prepack_actor.core import linear
 from prepack_actor.core.linear import onednn_linear, onednn_refusal
 from prepack_actor.core.modules import registrations, scan
 from prepack_actor.engine import Engine, EngineConfig
@@ -139,3 +140,20 @@ def test_gated_mlp_is_fused_only_when_its_forward_is_the_gated_one(gated):
         got = mlp(x)
     assert "forward" not in mlp.__dict__
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_input_runs_the_gated_mlp_in_row_chunks_with_the_same_numbers(monkeypatch):
+    """2,500 rows over 1,024-row passes (the last one partial) equal torch's MLP on all rows at once."""
+    mlp = MLP(True)
+    model = nn.Sequential(mlp)
+    model.device, model.dtype = torch.device("cpu"), torch.float32
+    x = torch.randn(2, 1250, 16)
+    want = mlp(x)
+    calls, rows_pass = [], linear._gated_rows
+    monkeypatch.setattr(linear, "_gated_rows", lambda rows, *a: calls.append(rows.shape[0]) or rows_pass(rows, *a))
+    with torch.inference_mode(), onednn_linear(model):
+        got = mlp(x)
+    assert calls == [1024, 1024, 452] and linear.MLP_ROWS == 1024
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
