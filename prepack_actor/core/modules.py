@@ -1,6 +1,7 @@
 """A model's modules, walked once per structure: the kernel swaps (linear.py, elementwise.py)
 enter on every engine call, a decode step in the job's loop, and walking a model's modules
-there cost ~1.3 ms a step on the 70M Llama (10% of a batch-1 decode step).
+there cost ~0.9 ms a step on the 70M Llama (whose batch-1 decode step is ~13 ms): entry and
+exit of `ModelRunner.kernels()` took 1.22 ms, now 0.35 ms.
 
 The walk is cached per model and redone after a submodule is registered into any module a walk
 has met (torch's global module-registration hook counts those), so a model whose layers are
