@@ -44,10 +44,16 @@ def test_block_swaps_every_linear_and_restores_it(tiny_model):
         assert all("forward" not in m.__dict__ for m in mods)
 
 
+def cpu_model(*modules, dtype=torch.float32) -> nn.Sequential:
+    """The modules as a model with the device and dtype attributes onednn_linear reads."""
+    model = nn.Sequential(*modules)
+    model.device, model.dtype = torch.device("cpu"), dtype
+    return model
+
+
 def test_changed_weights_are_packed_again():
     lin = nn.Linear(16, 8)
-    model = nn.Sequential(lin)
-    model.device, model.dtype = torch.device("cpu"), torch.float32
+    model = cpu_model(lin)
     x = torch.randn(3, 16)
     with onednn_linear(model):
         before = lin(x)
@@ -59,8 +65,7 @@ def test_changed_weights_are_packed_again():
 
 
 def test_a_replaced_layer_is_found_again_and_the_walk_is_cached_otherwise():
-    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
-    model.device, model.dtype = torch.device("cpu"), torch.float32
+    model = cpu_model(nn.Linear(16, 8), nn.ReLU())
     walks = []
     select = lambda ms: walks.append(1) or [m for m in ms if type(m) is nn.Linear]  # noqa: E731
     assert scan(model, "test", select) == [model[0]] and scan(model, "test", select) == [model[0]]
@@ -75,7 +80,7 @@ def test_a_replaced_layer_is_found_again_and_the_walk_is_cached_otherwise():
         got = model(x)
     torch.testing.assert_close(got, torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias)),
                                rtol=1e-5, atol=1e-5)
-    twin = copy.deepcopy(model)  # carries the cached walk: its own layers are walked anew
+    twin = copy.deepcopy(model)  # works with packed weights cached (they sit beside the modules); walked anew
     assert scan(twin, "test", select) == [twin[0]] and len(walks) == 3
     model.half()  # no registration: the dtype is still checked on entry
     model.dtype = torch.float16
@@ -96,8 +101,7 @@ def test_engine_calls_register_no_modules_so_the_walk_holds(tiny_model):
 
 
 def test_half_precision_is_refused_and_left_alone():
-    model = nn.Sequential(nn.Linear(4, 4).half())
-    model.device, model.dtype = torch.device("cpu"), torch.float16
+    model = cpu_model(nn.Linear(4, 4).half(), dtype=torch.float16)
     assert "float16" in onednn_refusal(model)
     with onednn_linear(model):
         assert "forward" not in model[0].__dict__
@@ -131,8 +135,7 @@ class MLP(nn.Module):
 @pytest.mark.parametrize("gated", [True, False])
 def test_gated_mlp_is_fused_only_when_its_forward_is_the_gated_one(gated):
     mlp = MLP(gated)
-    model = nn.Sequential(mlp)
-    model.device, model.dtype = torch.device("cpu"), torch.float32
+    model = cpu_model(mlp)
     x = torch.randn(2, 5, 16)
     want = mlp(x)
     with torch.inference_mode(), onednn_linear(model):
@@ -145,8 +148,7 @@ def test_gated_mlp_is_fused_only_when_its_forward_is_the_gated_one(gated):
 def test_a_long_input_runs_the_gated_mlp_in_row_chunks_with_the_same_numbers(monkeypatch):
     """2,500 rows over 1,024-row passes (the last one partial) equal torch's MLP on all rows at once."""
     mlp = MLP(True)
-    model = nn.Sequential(mlp)
-    model.device, model.dtype = torch.device("cpu"), torch.float32
+    model = cpu_model(mlp)
     x = torch.randn(2, 1250, 16)
     want = mlp(x)
     calls, rows_pass = [], linear._gated_rows

@@ -30,6 +30,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 # so copy.deepcopy(model) works after engine calls (oneDNN's packed tensors cannot be copied)
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _GATED = "_prepack_gated"  # per MLP module: its forward is down(silu(gate(x)) * up(x))
+_GATED_PARTS = ("gate_proj", "up_proj", "down_proj")  # a gated MLP's linear layers, by Hugging Face's names
 # Rows per gated-MLP pass. The up matmul's "mul" post-op reads silu(gate(x)) [rows, intermediate]
 # back: 1,024 rows of the 70M Llama (8 MB) stay in cache, a 7,000-token group's (57 MB) do not.
 # MMLU prefill 1.05-1.10x here, logits bit-identical (docs/varlen.md, "Gated MLPs in row passes").
@@ -117,13 +118,12 @@ def _gated_rows(x, gate, up, down, gate_bias, up_bias, down_bias):  # [n, hidden
 
 def _gated_shape(modules):
     """The modules shaped as gated MLPs (gate_proj, up_proj, down_proj, act_fn); _gated checks the rest."""
-    return (m for m in modules if all(isinstance(getattr(m, n, None), nn.Module)
-                                      for n in ("gate_proj", "up_proj", "down_proj", "act_fn")))
+    return (m for m in modules if all(isinstance(getattr(m, n, None), nn.Module) for n in (*_GATED_PARTS, "act_fn")))
 
 
 def _gated(module: nn.Module) -> bool:
     """A gated SiLU MLP whose forward equals down(silu(gate(x)) * up(x)) (checked once on a probe)."""
-    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    parts = [getattr(module, n, None) for n in _GATED_PARTS]
     if not all(type(p) is nn.Linear and p.weight.dtype in DTYPES for p in parts) \
             or type(getattr(module, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
         return False

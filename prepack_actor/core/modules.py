@@ -17,7 +17,8 @@ import weakref
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # per model: {scan name: (registrations seen, result)}
+# per model: {scan name: (registrations seen, result)}, and under None the walk itself
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _registrations = 0
 _walked = weakref.WeakSet()  # every module a walk met
 
@@ -42,8 +43,16 @@ def scan(model: nn.Module, name: str, select) -> list:
     cache = _CACHE.setdefault(model, {})
     seen, found = cache.get(name, (None, None))
     if seen != _registrations:
-        walk = list(model.modules())
-        _walked.update(walk)
-        found = list(select(walk))
+        found = list(select(_walk(model, cache)))
         cache[name] = (_registrations, found)
     return found
+
+
+def _walk(model: nn.Module, cache: dict) -> list[nn.Module]:
+    """model.modules() as a list, walked once per registration count for all of the model's scans."""
+    seen, walk = cache.get(None, (None, None))
+    if seen != _registrations:
+        walk = list(model.modules())
+        _walked.update(walk)
+        cache[None] = (_registrations, walk)
+    return walk
