@@ -10,10 +10,11 @@ lengths):
    each CPU prefill kernel of core/attention.py on one packed stream, ms and GFLOP/s of the
    causal work (best of 5, the kernels interleaved);
 2. Engine.prefill of all n prompts, CPU s, interleaved repeats, medians: the fused attention
-   kernel and C++ RMSNorm/RoPE with the gated MLP in passes of core/linear.MLP_ROWS rows (the
-   defaults), the same with the MLP over a whole group in one pass, the per-prompt sdpa loop
-   with C++ RMSNorm/RoPE, and the loop with torch's RMSNorm/RoPE (the engine before these
-   kernels).
+   kernel and C++ RMSNorm/RoPE with the gated MLP in passes of core/linear.MLP_ROWS rows, on
+   MKL where core/linear.MKL_MLP (Intel CPUs; the defaults), the same with the passes on
+   oneDNN, the same with the MLP over a whole group in one pass (oneDNN), the per-prompt sdpa
+   loop with C++ RMSNorm/RoPE, and the loop with torch's RMSNorm/RoPE (the engine before
+   these kernels).
 """
 import argparse
 import json
@@ -50,22 +51,24 @@ def engine_prefill(model_dir: str, ids: list[list[int]], repeats: int) -> None:
     model, tok = load_model(model_dir, dtype="float32", device="cpu")
     engine = Engine(model, tok, EngineConfig())
     engine.prefill([x[:8] for x in ids[:4]])  # warm-up (and the kernels' build)
-    rows, whole = linear.MLP_ROWS, 1 << 30
-    configs = {"fused attention + C++ norm/rope": ("fused", True, rows),
-               "the same, MLP in one pass": ("fused", True, whole),
-               "sdpa loop + C++ norm/rope": ("loop", True, whole),
-               "sdpa loop + torch norm/rope": ("loop", False, whole)}
+    rows, whole, mkl = linear.MLP_ROWS, 1 << 30, linear.MKL_MLP
+    print(f"MLP passes on MKL (core/linear.MKL_MLP): {mkl}")
+    configs = {"fused attention + C++ norm/rope": ("fused", True, rows, mkl),
+               "the same, MLP passes on oneDNN": ("fused", True, rows, False),
+               "the same, MLP in one pass": ("fused", True, whole, False),
+               "sdpa loop + C++ norm/rope": ("loop", True, whole, False),
+               "sdpa loop + torch norm/rope": ("loop", False, whole, False)}
     times = {c: [] for c in configs}
     logits = {}
     try:
         for _ in range(repeats):
-            for name, (kernel, fused, mlp_rows) in configs.items():
-                attention.KERNEL, elementwise.ENABLED, linear.MLP_ROWS = kernel, fused, mlp_rows
+            for name, (kernel, fused, mlp_rows, on_mkl) in configs.items():
+                attention.KERNEL, elementwise.ENABLED, linear.MLP_ROWS, linear.MKL_MLP = kernel, fused, mlp_rows, on_mkl
                 start = time.process_time()
                 logits[name] = engine.prefill(ids)
                 times[name].append(time.process_time() - start)
     finally:
-        attention.KERNEL, elementwise.ENABLED, linear.MLP_ROWS = "fused", True, rows
+        attention.KERNEL, elementwise.ENABLED, linear.MLP_ROWS, linear.MKL_MLP = "fused", True, rows, mkl
     base = statistics.median(times["sdpa loop + torch norm/rope"])
     print(f"Engine.prefill, {len(ids)} prompts, CPU s, medians of {repeats}:")
     for name, ts in times.items():

@@ -29,6 +29,7 @@ in turn (interleaved); medians over repeats. Measured per dataset:
 - agreement: prompts whose greedy tokens are identical in both engines, and matching tokens.
 `--compile` runs prepack with compiled decoder layers (EngineConfig.compile) and its eager
 engine beside it, interleaved, and prints compiled vs eager (greedy tokens checked equal).
+`--prefill-only` skips the end-to-end runs (more prefill repeats in the same time).
 `--max-num-seqs` sets prepack's running batch (EngineConfig.max_num_seqs). `--threads 2` gives
 prepack both cores of a 2-core machine for compute (vLLM's own layout there uses both cores
 too: its OMP thread on one, its scheduler and front end on the other).
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--max-group-prompts", type=int, default=None, help="default: EngineConfig's")
     ap.add_argument("--max-group-tokens", type=int, default=None, help="default: EngineConfig's")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: EngineConfig's")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the end-to-end runs")
     ap.add_argument("--varied", action="store_true", help="also a varied workload: max_new_tokens 8..256 per prompt")
     ap.add_argument("--leftpad", action="store_true", help="also end to end on the left-padded decode (old path)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the varied workload's lengths")
@@ -215,7 +217,7 @@ def measure(args, data, engine, dense, leftpad, eager, ceiling, timed, vllm, gen
     """Every repeat runs every measurement of both engines in turn (interleaved)."""
     from prepack_actor import SamplingParams
 
-    names = list(data) + ([f"{x}-varied" for x in data] if args.varied else [])
+    names = list(data) + ([f"{x}-varied" for x in data] if args.varied and not args.prefill_only else [])
     for rep in range(args.repeats):
         for name in names:
             ids = data[name.removesuffix("-varied")]
@@ -234,6 +236,10 @@ def measure(args, data, engine, dense, leftpad, eager, ceiling, timed, vllm, gen
                 r.setdefault("vllm_prefill", []).append(vllm.generate(ids, 1)[0])
             r.setdefault("dense_mask_prefill", []).append(timed(dense.prefill, ids)[0])
             r.setdefault("ceiling_prefill", []).append(timed(ceiling, ids)[0])
+            if args.prefill_only:
+                print(f"repeat {rep} {name} (wall s / CPU s): "
+                      + ", ".join(f"{k} {v[-1][0]:.2f}/{v[-1][1]:.2f}" for k, v in r.items()), flush=True)
+                continue
             e2e(args, name, ids, engine, leftpad, eager, timed, vllm, gen, runs, tokens, rep)
 
 
@@ -285,6 +291,9 @@ def report(args, data, runs, tokens) -> None:
             if "vllm_prefill" in med:
                 line += [f"{med['vllm_prefill']:.1f}", f"{med['vllm_prefill'] / med['prepack_prefill']:.2f}"]
             prefill.append(line)
+        payload["datasets"][name] = out
+        if "prepack_e2e" not in med:  # --prefill-only
+            continue
         line = [name, str(out_tokens), f"{out_tokens / med_wall['prepack_e2e']:.0f}", f"{med['prepack_keys_ratio']:.3f}"]
         if "leftpad_e2e" in med:
             line += [f"{out_tokens / med_wall['leftpad_e2e']:.0f}", f"{med['leftpad_keys_ratio']:.3f}"]
@@ -296,7 +305,6 @@ def report(args, data, runs, tokens) -> None:
             line += [f"{out_tokens / med_wall['vllm_e2e']:.0f}", f"{med_wall['vllm_e2e'] / med_wall['prepack_e2e']:.2f}",
                      f"{med['vllm_e2e'] / med['prepack_e2e']:.2f}" if col else "-", f"{same}/{len(a)} ({match:.1%})"]
         e2e_rows.append(line)
-        payload["datasets"][name] = out
     head = ["dataset", "prompts", "real tokens", "prepack prefill s", "dense-mask prefill s", "ceiling s",
             "prepack / ceiling", "vLLM prefill s", "prefill vs vLLM"]
     table(head[:max(map(len, prefill), default=0)], prefill)

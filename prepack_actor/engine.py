@@ -45,7 +45,8 @@ class EngineConfig(GroupConfig):
     # (forward.varlen_refusal); False = the dense-mask rows of pack_capacity (the reference).
     varlen: bool = True
     # CPU: linear layers on oneDNN with prepacked weights (core/linear.py; 10-15% faster
-    # prefill here, at the cost of a second copy of the weights); False = torch's F.linear.
+    # prefill here, at the cost of a second copy of the weights), gated MLPs' prefill passes on
+    # MKL on Intel CPUs (linear.MKL_MLP); False = torch's F.linear.
     onednn_linear: bool = True
     # Decoder layers compiled by inductor (core/compile.py; up to 13% faster CPU prefill here);
     # the first calls compile for 10-25 s and need a C++ compiler (else a warning, then eager).

@@ -107,11 +107,20 @@ def test_half_precision_is_refused_and_left_alone():
         assert "forward" not in model[0].__dict__
 
 
-def test_engine_on_onednn_equals_engine_on_torch(tiny_model):
+@pytest.mark.parametrize("mkl", [False, True])
+def test_engine_on_onednn_equals_engine_on_torch(tiny_model, monkeypatch, mkl):
+    """Prefill and greedy tokens on the swapped layers equal torch's; with MKL_MLP (and passes and
+    thresholds small enough for these prompts) the prefill's MLP passes run on MKL, decode on oneDNN."""
     model, tokenizer = tiny_model
+    monkeypatch.setattr(linear, "MKL_MLP", mkl)
+    monkeypatch.setattr(linear, "MLP_ROWS", 8)
+    monkeypatch.setattr(linear, "MKL_MIN_ROWS", 16)
+    passes, mkl_pass = [], linear._gated_mkl
+    monkeypatch.setattr(linear, "_gated_mkl", lambda rows, *a, out: passes.append(rows.shape[0]) or mkl_pass(rows, *a, out=out))
     fast, plain = Engine(model, tokenizer), Engine(model, tokenizer, EngineConfig(onednn_linear=False))
     assert fast.onednn_linear and not plain.onednn_linear
     torch.testing.assert_close(fast.prefill(PROMPTS), plain.prefill(PROMPTS), rtol=0, atol=1e-4)
+    assert bool(passes) == mkl and all(n <= 8 for n in passes)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     assert [r.token_ids for r in fast.generate(PROMPTS, params)] == \
            [r.token_ids for r in plain.generate(PROMPTS, params)]
@@ -145,17 +154,26 @@ def test_gated_mlp_is_fused_only_when_its_forward_is_the_gated_one(gated):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_long_input_runs_the_gated_mlp_in_row_chunks_with_the_same_numbers(monkeypatch):
-    """2,500 rows over 1,024-row passes (the last one partial) equal torch's MLP on all rows at once."""
+@pytest.mark.parametrize("mkl", [False, True])
+def test_a_long_input_runs_the_gated_mlp_in_row_chunks_with_the_same_numbers(monkeypatch, mkl):
+    """2,500 rows over 1,024-row passes (the last one partial) equal torch's MLP on all rows at once,
+    on oneDNN's fused passes and on MKL's (MKL_MLP, Intel CPUs); a 64-row call (a decode step)
+    stays on oneDNN either way."""
     mlp = MLP(True)
     model = cpu_model(mlp)
     x = torch.randn(2, 1250, 16)
     want = mlp(x)
-    calls, rows_pass = [], linear._gated_rows
-    monkeypatch.setattr(linear, "_gated_rows", lambda rows, *a: calls.append(rows.shape[0]) or rows_pass(rows, *a))
+    monkeypatch.setattr(linear, "MKL_MLP", mkl)
+    calls = {"onednn": [], "mkl": []}
+    onednn_pass, mkl_pass = linear._gated_rows, linear._gated_mkl
+    monkeypatch.setattr(linear, "_gated_rows", lambda rows, *a: calls["onednn"].append(rows.shape[0]) or onednn_pass(rows, *a))
+    monkeypatch.setattr(linear, "_gated_mkl", lambda rows, *a, out: calls["mkl"].append(rows.shape[0]) or mkl_pass(rows, *a, out=out))
     with torch.inference_mode(), onednn_linear(model):
         got = mlp(x)
-    assert calls == [1024, 1024, 452] and linear.MLP_ROWS == 1024
+        short = mlp(x[:, :32])
+    assert calls == {"onednn": [64], "mkl": [1024, 1024, 452]} if mkl else {"onednn": [1024, 1024, 452, 64], "mkl": []}
+    assert linear.MLP_ROWS == 1024 and linear.MKL_MIN_ROWS == 512
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(short, want[:, :32], rtol=1e-5, atol=1e-5)
 

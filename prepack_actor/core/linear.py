@@ -8,7 +8,9 @@ MKL's sgemm; oneDNN's matmul with its weight reordered once into oneDNN's blocke
 Gated MLPs (`down(silu(gate(x)) * up(x))`: Llama, Qwen, Mistral, ...) also fuse the SiLU
 into the gate's matmul and the product into the up matmul (oneDNN post-ops, as vLLM's
 `silu_and_mul`): ~6% faster prefill here. A module is fused only after its own forward gave
-the same numbers on a probe input, so an MLP of another shape keeps its forward.
+the same numbers on a probe input, so an MLP of another shape keeps its forward. Prefill runs
+the MLP in passes of MLP_ROWS rows; on Intel CPUs those passes run on MKL's sgemm instead
+(MKL_MLP), which is faster than oneDNN there at prefill sizes and slower at decode sizes.
 
 The swap is scoped: `onednn_linear(model)` points each `nn.Linear` at its packed weight for
 the duration of a `with` block and restores torch's forward after, so a model used outside
@@ -17,6 +19,7 @@ second copy (the model's own weights stay: tied embeddings and state_dict read t
 """
 from __future__ import annotations
 
+import platform
 import weakref
 from contextlib import contextmanager
 
@@ -35,6 +38,23 @@ _GATED_PARTS = ("gate_proj", "up_proj", "down_proj")  # a gated MLP's linear lay
 # back: 1,024 rows of the 70M Llama (8 MB) stay in cache, a 7,000-token group's (57 MB) do not.
 # MMLU prefill 1.05-1.10x here, logits bit-identical (docs/varlen.md, "Gated MLPs in row passes").
 MLP_ROWS = 1024
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return platform.processor()
+
+
+# fp32 MLP passes of >= MKL_MIN_ROWS rows on MKL's sgemm (torch's F.linear on the model's own
+# weights: no copy) on Intel CPUs: on a 2-vCPU Xeon the 70M Llama's MLP ran 142-152 GFLOP/s on
+# MKL against oneDNN's 133-141 at 1,024-2,048 rows, MMLU prefill 1.04-1.05x. Below 512 rows
+# (decode batches) oneDNN's fused post-ops win (109 vs 94 GFLOP/s at 64 rows), and on AMD CPUs
+# MKL is slower throughout (docs/varlen.md, "Gated MLPs in row passes").
+MKL_MLP = torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
+MKL_MIN_ROWS = 512
 
 
 def onednn_refusal(model) -> str | None:
@@ -93,7 +113,7 @@ def _(x, weight, bias, out_features):
 def packed_gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                      gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
                      out_features: int) -> torch.Tensor:
-    return _gated_packed(x, gate, up, down, gate_bias, up_bias, down_bias)
+    return _gated_passes(x, (gate, up, down, gate_bias, up_bias, down_bias), None, out_features)
 
 
 @packed_gated_mlp.register_fake
@@ -101,19 +121,39 @@ def _(x, gate, up, down, gate_bias, up_bias, down_bias, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _gated_packed(x, gate, up, down, gate_bias, up_bias, down_bias):
-    """down(silu(gate(x)) * up(x)) on packed weights, SiLU and the product fused as oneDNN post-ops,
-    MLP_ROWS rows at a time."""
+def _gated_passes(x, packed, plain, out_features):
+    """down(silu(gate(x)) * up(x)), MLP_ROWS rows at a time, each pass written into one output
+    [N, out]. packed: (gate, up, down, biases...) on oneDNN; plain: the same with the [out, in]
+    weights, for MKL passes (a call of >= MKL_MIN_ROWS rows where MKL_MLP; None = never)."""
     rows = x.contiguous().reshape(-1, x.shape[-1])  # [N, hidden]
-    outs = [_gated_rows(rows[i:i + MLP_ROWS], gate, up, down, gate_bias, up_bias, down_bias)
-            for i in range(0, rows.shape[0], MLP_ROWS)]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(*x.shape[:-1], -1)
+    n = rows.shape[0]
+    mkl = plain is not None and MKL_MLP and n >= MKL_MIN_ROWS
+    if n <= MLP_ROWS and not mkl:  # a decode step: one pass, no copy
+        return _gated_rows(rows, *packed).reshape(*x.shape[:-1], -1)
+    out = rows.new_empty(n, out_features)  # [N, out]
+    for i in range(0, n, MLP_ROWS):
+        if mkl:
+            _gated_mkl(rows[i:i + MLP_ROWS], *plain, out=out[i:i + MLP_ROWS])
+        else:
+            out[i:i + MLP_ROWS] = _gated_rows(rows[i:i + MLP_ROWS], *packed)
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def _gated_rows(x, gate, up, down, gate_bias, up_bias, down_bias):  # [n, hidden] -> [n, hidden]
+    """One oneDNN pass: SiLU and the product fused as post-ops of the gate and up matmuls."""
     g = torch.ops.mkldnn._linear_pointwise(x, gate, gate_bias, "swish", [], "")  # [n, inter] silu(gate(x))
     h = torch.ops.mkldnn._linear_pointwise(x, g, up, up_bias, "mul")  # [n, inter] up(x) * g
     return _linear_packed(h, down, down_bias)
+
+
+def _gated_mkl(x, gate, up, down, gate_bias, up_bias, down_bias, out):  # [n, hidden] -> out [n, hidden]
+    """One MKL pass on the [out, in] weights; SiLU and the product in place on the gate's output."""
+    h = nn.functional.silu(nn.functional.linear(x, gate, gate_bias), inplace=True)  # [n, inter]
+    h.mul_(nn.functional.linear(x, up, up_bias))
+    if down_bias is None:
+        torch.mm(h, down.T, out=out)
+    else:
+        torch.addmm(down_bias, h, down.T, out=out)
 
 
 def _gated_shape(modules):
@@ -138,14 +178,17 @@ def _gated(module: nn.Module) -> bool:
 
 def _gated_forward(module: nn.Module):
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
-    args = (_packed(gate), _packed(up), _packed(down), gate.bias, up.bias, down.bias)
+    biases = (gate.bias, up.bias, down.bias)
+    packed = (_packed(gate), _packed(up), _packed(down), *biases)
+    plain = (gate.weight.detach(), up.weight.detach(), down.weight.detach(), *biases) \
+        if gate.weight.dtype == torch.float32 else None  # MKL passes: fp32 only (sgemm)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., hidden]
         if x.dtype != gate.weight.dtype:
             return down(nn.functional.silu(gate(x)) * up(x))
         if torch.compiler.is_compiling():
-            return packed_gated_mlp(x, *args, down.out_features)
-        return _gated_packed(x, *args)
+            return packed_gated_mlp(x, *packed, down.out_features)
+        return _gated_passes(x, packed, plain, down.out_features)
     return forward
 
 
