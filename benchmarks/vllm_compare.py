@@ -237,8 +237,7 @@ def measure(args, data, engine, dense, leftpad, eager, ceiling, timed, vllm, gen
             r.setdefault("dense_mask_prefill", []).append(timed(dense.prefill, ids)[0])
             r.setdefault("ceiling_prefill", []).append(timed(ceiling, ids)[0])
             if args.prefill_only:
-                print(f"repeat {rep} {name} (wall s / CPU s): "
-                      + ", ".join(f"{k} {v[-1][0]:.2f}/{v[-1][1]:.2f}" for k, v in r.items()), flush=True)
+                progress(rep, name, r)
                 continue
             e2e(args, name, ids, engine, leftpad, eager, timed, vllm, gen, runs, tokens, rep)
 
@@ -260,6 +259,11 @@ def e2e(args, name, ids, engine, leftpad, eager, timed, vllm, gen, runs, tokens,
         tokens[name]["vllm"] = toks
         # Checked every repeat (the table shows the fewest): a later repeat cannot hide a difference.
         tokens[name].setdefault("identical", []).append(sum(x == y for x, y in zip(tokens[name]["prepack"], toks)))
+    progress(rep, name, r)
+
+
+def progress(rep: int, name: str, r: dict[str, list]) -> None:
+    """The repeat's latest (wall s, CPU s) of every measurement so far."""
     print(f"repeat {rep} {name} (wall s / CPU s): "
           + ", ".join(f"{k} {v[-1][0]:.2f}/{v[-1][1]:.2f}" for k, v in r.items()), flush=True)
 

@@ -171,7 +171,7 @@ def test_a_long_input_runs_the_gated_mlp_in_row_chunks_with_the_same_numbers(mon
     with torch.inference_mode(), onednn_linear(model):
         got = mlp(x)
         short = mlp(x[:, :32])
-    assert calls == {"onednn": [64], "mkl": [1024, 1024, 452]} if mkl else {"onednn": [1024, 1024, 452, 64], "mkl": []}
+    assert calls == ({"onednn": [64], "mkl": [1024, 1024, 452]} if mkl else {"onednn": [1024, 1024, 452, 64], "mkl": []})
     assert linear.MLP_ROWS == 1024 and linear.MKL_MIN_ROWS == 512
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -50,7 +50,7 @@ def _cpu_vendor() -> str:
 
 # fp32 MLP passes of >= MKL_MIN_ROWS rows on MKL's sgemm (torch's F.linear on the model's own
 # weights: no copy) on Intel CPUs: on a 2-vCPU Xeon the 70M Llama's MLP ran 142-152 GFLOP/s on
-# MKL against oneDNN's 133-141 at 1,024-2,048 rows, MMLU prefill 1.04-1.05x. Below 512 rows
+# MKL against oneDNN's 133-141 at 1,024-2,048 rows, MMLU prefill 1.04-1.10x. Below 512 rows
 # (decode batches) oneDNN's fused post-ops win (109 vs 94 GFLOP/s at 64 rows), and on AMD CPUs
 # MKL is slower throughout (docs/varlen.md, "Gated MLPs in row passes").
 MKL_MLP = torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
